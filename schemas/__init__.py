@@ -1,0 +1,1 @@
+"""Message schemas and the bus topology shared by every Retrace Server service."""

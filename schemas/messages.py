@@ -1,0 +1,87 @@
+"""The bodies of every message on the bus, as pydantic models.
+
+Each model is the *producer* form: frozen, and unknown fields are an error, so a
+service never publishes a field it did not mean to.  Consumers parse with
+:func:`parse`, which uses the *lenient* form of the same model (unknown fields
+ignored), so a rolling upgrade that adds an optional field never dead-letters
+live work.  A breaking change is a new class (``...V2``) sent alongside the old.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import cache
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+Arch = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Base of every message body: frozen, strict about unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskType(StrEnum):
+    """What the submitter asked for (the original's ``X-Task-Type``)."""
+
+    RETRACE = "retrace"
+    DEBUG = "debug"
+
+
+class AnalyzeTaskV1(Message):
+    """Command: retrace the crash of task ``task_id``; its files are in the spool."""
+
+    task_id: TaskId
+    arch: Arch
+    task_type: TaskType = TaskType.RETRACE
+    submitted_at: datetime = Field(default_factory=_now)
+
+
+class Outcome(StrEnum):
+    """How a task ended."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class TaskFinishedV1(Message):
+    """Event: a task reached a final state."""
+
+    task_id: TaskId
+    arch: Arch
+    outcome: Outcome
+    reason: str | None = None
+    crash_function: str | None = None
+    crash_module: str | None = None
+    finished_at: datetime = Field(default_factory=_now)
+
+
+M = TypeVar("M", bound=Message)
+
+
+@cache
+def lenient(model: type[M]) -> type[M]:
+    """The consumer form of ``model``: the same fields, unknown ones ignored."""
+    config = ConfigDict(extra="ignore", frozen=True)
+    return type(model.__name__, (model,), {"model_config": config, "__module__": model.__module__})
+
+
+def parse(model: type[M], body: bytes | str) -> M:
+    """Parse a received body as ``model``, ignoring fields this version does not know."""
+    parsed: M = lenient(model).model_validate_json(body)
+    return parsed
+
+
+def consumer_schema(model: type[Message]) -> dict[str, Any]:
+    """JSON schema of the lenient form: what a consumer of ``model`` accepts."""
+    schema: dict[str, Any] = lenient(model).model_json_schema()
+    return schema

@@ -1,0 +1,56 @@
+"""The one table of exchanges, topics and queues.
+
+The topology code, the services and the deployment files all read this module;
+nothing else spells an exchange name, a routing key or a queue name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.messages import AnalyzeTaskV1, Message, TaskFinishedV1
+
+EXCHANGE = "retrace"
+"""The topic exchange every command and event of ours is published to."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one kind of message goes.
+
+    ``topic`` and ``queue`` may hold ``{arch}``: commands for analyzers are routed
+    per architecture, so each analyzer takes only the arches it can retrace.
+    ``command`` routes are published with ``mandatory=True``: a command that no
+    queue takes is an error, while an event without subscribers is normal.
+    """
+
+    model: type[Message]
+    topic: str
+    queue: str | None
+    command: bool
+
+    def topic_for(self, arch: str | None = None) -> str:
+        """The routing key, with ``{arch}`` filled in where the route has one."""
+        return self.topic.format(arch=arch) if "{arch}" in self.topic else self.topic
+
+    def queue_for(self, arch: str | None = None) -> str:
+        """The queue name, with ``{arch}`` filled in where the route has one."""
+        if self.queue is None:
+            raise ValueError(f"{self.topic} is an event: it has no queue of ours")
+        return self.queue.format(arch=arch) if "{arch}" in self.queue else self.queue
+
+
+ANALYZE = Route(
+    model=AnalyzeTaskV1,
+    topic="retrace.analyze.v1.{arch}",
+    queue="retrace.analyze.{arch}",
+    command=True,
+)
+TASK_FINISHED = Route(
+    model=TaskFinishedV1,
+    topic="retrace.task.finished.v1",
+    queue=None,
+    command=False,
+)
+
+ROUTES: tuple[Route, ...] = (ANALYZE, TASK_FINISHED)

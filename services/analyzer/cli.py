@@ -1,0 +1,61 @@
+"""``retrace-analyzer``: the gdb worker; start as many as you like."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+import pika.exceptions
+
+from schemas.topology import ANALYZE
+from services.analyzer.rootcache import RootCache
+from services.analyzer.worker import AnalyzeHandler
+from services.common.bus import Consumer, Publisher
+from services.common.logs import setup_logging
+from services.common.settings import ConfigError, load_settings, log_settings
+from services.common.spool import Spool
+from services.common.store import SchemaMismatch, Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``retrace-analyzer`` command."""
+    parser = argparse.ArgumentParser(prog="retrace-analyzer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="consume analyze commands until stopped (SIGTERM, SIGINT)")
+    parser.parse_args(argv)
+    setup_logging()
+    try:
+        settings = load_settings()
+        log_settings(settings, "retrace-analyzer")
+        store = Store.from_url(settings.store_url)
+        store.check_revision()
+    except (ConfigError, SchemaMismatch) as exc:
+        print(f"retrace-analyzer: {exc}", file=sys.stderr)
+        return 2
+    cache_dir = settings.resolve(settings.analyzer.cache)
+    publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    handler = AnalyzeHandler(
+        settings.analyzer,
+        store,
+        Spool(settings.spool),
+        RootCache(cache_dir, settings.repo),
+        publisher.publish,
+        cache_dir / "work",
+    )
+    consumer = Consumer(settings.broker.url, settings.broker.heartbeat, settings.analyzer.arches)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        consumer.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        consumer.run(ANALYZE, handler)
+    except pika.exceptions.AMQPConnectionError as exc:
+        print(f"retrace-analyzer: cannot reach the broker: {exc!r}", file=sys.stderr)
+        return 1
+    finally:
+        publisher.close()
+    return 0

@@ -1,0 +1,68 @@
+"""Step 1: what the core holds -- its modules and their build-ids (``eu-unstrip -n``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.runner import CommandError, run
+
+EU_UNSTRIP_TIMEOUT = 120
+
+# START+SIZE BUILDID@ADDR FILE DEBUGFILE MODULENAME
+_LINE = re.compile(
+    r"^0x(?P<start>[0-9a-f]+)\+0x(?P<size>[0-9a-f]+)\s+"
+    r"(?:(?P<build_id>[0-9a-f]+)@0x[0-9a-f]+|-)\s+(?P<file>\S+)\s+\S+\s+(?P<name>.+)$"
+)
+
+
+class CoreError(Exception):
+    """The core dump cannot be read; the message says why, for the task log."""
+
+
+@dataclass(frozen=True)
+class Module:
+    """One mapped ELF module of the crashed process."""
+
+    start: int
+    size: int
+    build_id: str | None
+    name: str
+
+    @property
+    def is_vdso(self) -> bool:
+        """The kernel's vDSO has a build-id but no package."""
+        return self.name.startswith(("linux-vdso", "linux-gate", "[vdso"))
+
+
+def _recorded_path(file: str, name: str) -> str:
+    # When eu-unstrip found a file by the path the core records, it prints that path
+    # in FILE and only the soname in MODULENAME; otherwise MODULENAME is the path.
+    if not name.startswith("/") and file.startswith("/"):
+        return file
+    return name
+
+
+def read_modules(core: Path) -> list[Module]:
+    """Every module mapped in ``core``, in address order."""
+    try:
+        result = run(["eu-unstrip", "-n", f"--core={core}"], timeout=EU_UNSTRIP_TIMEOUT)
+    except CommandError as exc:
+        raise CoreError(f"the core dump cannot be read: {exc}") from exc
+    modules = []
+    for line in result.stdout.splitlines():
+        match = _LINE.match(line.strip())
+        if match is None:
+            continue
+        modules.append(
+            Module(
+                start=int(match["start"], 16),
+                size=int(match["size"], 16),
+                build_id=match["build_id"],
+                name=_recorded_path(match["file"], match["name"]),
+            )
+        )
+    if not modules:
+        raise CoreError("the core dump lists no modules")
+    return sorted(modules, key=lambda m: m.start)

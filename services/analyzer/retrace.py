@@ -1,0 +1,131 @@
+"""The retrace of one crash, step by step: core → packages → root → gdb."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.analyzer.coredump import CoreError, Module, read_modules
+from services.analyzer.gdb import GdbError, GdbResult, gdb_version, run_gdb
+from services.analyzer.resolve import resolve
+from services.analyzer.rootcache import RootCache
+from services.analyzer.tasklog import TaskLog
+from services.common import progress
+from services.common.elf import NotACore, core_arch
+from services.common.runner import CommandError
+from services.common.settings import AnalyzerSettings
+from services.common.store import Package, Store
+
+
+class RetraceFailure(Exception):
+    """The crash cannot be retraced; the message is the one sentence the user reads."""
+
+
+@dataclass(frozen=True)
+class Retrace:
+    """The outcome of a successful retrace."""
+
+    gdb: GdbResult
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one retrace attempt works with."""
+
+    crash_dir: Path
+    work_dir: Path
+    store: Store
+    cache: RootCache
+    settings: AnalyzerSettings
+    log: TaskLog
+    set_progress: Callable[[str], None]
+
+
+def retrace(job: Job) -> Retrace:
+    """Retrace the crash in ``job.crash_dir``; raise :class:`RetraceFailure` saying why not."""
+    core = job.crash_dir / "coredump"
+    executable = (job.crash_dir / "executable").read_text(encoding="utf-8").strip()
+    job.set_progress(progress.ANALYZE)
+    arch, modules = read_core(job, core)
+    packages = find_packages(job, modules, arch)
+    job.set_progress(progress.INIT)
+    root = job.work_dir / "root"
+    prepare_root(job, packages, root)
+    exe_in_root = root / executable.lstrip("/")
+    if not exe_in_root.is_file():
+        raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
+    job.set_progress(progress.BACKTRACE)
+    result = generate_backtrace(job, root, exe_in_root, core)
+    job.set_progress(progress.CLEANUP)
+    shutil.rmtree(root, ignore_errors=True)
+    return Retrace(gdb=result)
+
+
+def read_core(job: Job, core: Path) -> tuple[str, list[Module]]:
+    """Step 1: the core's architecture and modules."""
+    with job.log.step("Reading the core dump"):
+        try:
+            arch = core_arch(core)
+        except NotACore as exc:
+            raise RetraceFailure(f"The coredump is not usable: {exc}.") from exc
+        if arch not in job.settings.arches:
+            raise RetraceFailure(
+                f"The core dump is for {arch}, which this analyzer does not retrace."
+            )
+        try:
+            modules = read_modules(core)
+        except CoreError as exc:
+            raise RetraceFailure(f"{exc}.") from exc
+        job.log.add(f"{len(modules)} modules, architecture {arch}")
+    if not any(m.build_id for m in modules):
+        raise RetraceFailure("The core dump carries no build-ids, so no package can be matched.")
+    return arch, modules
+
+
+def find_packages(job: Job, modules: list[Module], arch: str) -> list[Package]:
+    """Step 2: the packages that serve the core's modules, with what is missing logged."""
+    with job.log.step("Finding packages by build-id"):
+        resolution = resolve(job.store, modules, arch)
+        for served in resolution.served:
+            module = served.module
+            if module.is_vdso:
+                job.log.add(f"  {module.name}: the kernel's vDSO, no package needed")
+                continue
+            binary = served.binary.nevra if served.binary else "NOT FOUND"
+            debug = served.debug.nevra if served.debug else "NOT FOUND"
+            job.log.add(f"  {module.name} [{module.build_id}]: {binary}, debuginfo {debug}")
+        for note in resolution.notes:
+            job.log.warn(note)
+        for module in resolution.missing_debug:
+            job.log.warn(f"no debuginfo for {module.name} ({module.build_id})")
+    if not resolution.packages:
+        raise RetraceFailure("None of the core's build-ids is in the mirror's index.")
+    return resolution.packages
+
+
+def prepare_root(job: Job, packages: list[Package], root: Path) -> None:
+    """Step 3: the root, assembled from the unpacked-package cache."""
+    with job.log.step("Preparing the root"):
+        try:
+            for warning in job.cache.assemble(packages, root):
+                job.log.warn(warning)
+        except CommandError as exc:
+            raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
+        for package in packages:
+            job.log.add(f"  {package.nevra} ({package.os_release})")
+
+
+def generate_backtrace(job: Job, root: Path, executable: Path, core: Path) -> GdbResult:
+    """Step 4: gdb's session on the core, inside the root."""
+    with job.log.step("Generating backtrace"):
+        job.log.add(gdb_version(job.settings.gdb))
+        try:
+            result = run_gdb(job.settings.gdb, root, executable, core, job.settings.gdb_timeout)
+        except GdbError as exc:
+            raise RetraceFailure(f"gdb failed: {exc}.") from exc
+        for line in result.stderr.splitlines():
+            if line.strip():
+                job.log.add(f"gdb: {line}")
+    return result

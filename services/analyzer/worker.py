@@ -1,0 +1,112 @@
+"""The analyze-command handler: claim the task, retrace it, store the results once."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, TaskType
+from schemas.topology import TASK_FINISHED
+from services.analyzer.retrace import Job, Retrace, RetraceFailure, retrace
+from services.analyzer.rootcache import RootCache
+from services.analyzer.tasklog import TaskLog
+from services.common import progress
+from services.common.bus import Delivery, Publish
+from services.common.settings import AnalyzerSettings
+from services.common.spool import BACKTRACE, LOG, Spool
+from services.common.store import Store, TaskStatus
+
+log = logging.getLogger(__name__)
+
+
+class AnalyzeHandler:
+    """Handles one :class:`AnalyzeTaskV1` at a time; see :class:`~services.common.bus.Consumer`."""
+
+    def __init__(
+        self,
+        settings: AnalyzerSettings,
+        store: Store,
+        spool: Spool,
+        cache: RootCache,
+        publish: Publish,
+        work_root: Path,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._spool = spool
+        self._cache = cache
+        self._publish = publish
+        self._work_root = work_root
+
+    def __call__(self, delivery: Delivery) -> None:
+        command = delivery.message
+        assert isinstance(command, AnalyzeTaskV1)
+        task_id = command.task_id
+        # A redelivery after a dead analyzer finds the task still running: take it over.
+        if not self._store.move_task(
+            task_id, [TaskStatus.QUEUED, TaskStatus.RUNNING], TaskStatus.RUNNING,
+            progress=progress.ANALYZE,
+        ):  # fmt: skip
+            log.info("task %s is finished, deleted or unknown; nothing to do", task_id)
+            return
+        tasklog = TaskLog(task_id)
+        tasklog.add(f"Retrace of task {task_id} ({command.arch})")
+        self._work_root.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix=f"{task_id}-", dir=self._work_root))
+        outcome: Retrace | RetraceFailure
+        try:
+            job = Job(
+                crash_dir=self._spool.crash_dir(task_id),
+                work_dir=work_dir,
+                store=self._store,
+                cache=self._cache,
+                settings=self._settings,
+                log=tasklog,
+                set_progress=lambda text: self._store.set_progress(task_id, text),
+            )
+            outcome = retrace(job)
+        except RetraceFailure as failure:
+            outcome = failure
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        self._finish(command, tasklog, outcome)
+
+    def _finish(
+        self, command: AnalyzeTaskV1, tasklog: TaskLog, outcome: Retrace | RetraceFailure
+    ) -> None:
+        task_id = command.task_id
+        files: dict[str, str] = {}
+        if isinstance(outcome, Retrace):
+            status, text = TaskStatus.SUCCESS, progress.SUCCESS
+            files[BACKTRACE] = outcome.gdb.backtrace
+            tasklog.add("Retrace finished successfully.")
+            event = TaskFinishedV1(
+                task_id=task_id,
+                arch=command.arch,
+                outcome=Outcome.SUCCESS,
+                crash_function=outcome.gdb.crash_function,
+                crash_module=outcome.gdb.crash_module,
+            )
+        else:
+            status, text = TaskStatus.FAILURE, progress.FAIL
+            tasklog.add(f"Retrace failed: {outcome}")
+            event = TaskFinishedV1(
+                task_id=task_id, arch=command.arch, outcome=Outcome.FAILURE, reason=str(outcome)
+            )
+        files[LOG] = tasklog.text()
+        staged = self._spool.stage_results(task_id, files)
+        # Only the first attempt to get here wins; a duplicate's results are dropped.
+        if not self._store.move_task(task_id, [TaskStatus.RUNNING], status, progress=text,
+                                     reason=None if status == TaskStatus.SUCCESS else str(outcome),
+                                     crash_function=event.crash_function,
+                                     crash_module=event.crash_module):  # fmt: skip
+            shutil.rmtree(staged, ignore_errors=True)
+            log.info("task %s was finished or deleted meanwhile; results dropped", task_id)
+            return
+        self._spool.commit_results(task_id, staged)
+        if command.task_type != TaskType.DEBUG:
+            (self._spool.crash_dir(task_id) / "coredump").unlink(missing_ok=True)
+        self._publish(TASK_FINISHED, event, None)
+        log.info("task %s finished: %s", task_id, status)

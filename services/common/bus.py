@@ -1,0 +1,268 @@
+"""RabbitMQ plumbing with pika: topology, publishing, and a consumer loop.
+
+Wire format is fedora-messaging's (JSON body, ``content_type=application/json``,
+persistent delivery, a ``message_id`` and the ``fedora_messaging_schema``,
+``fedora_messaging_severity`` and ``sent-at`` headers), so fedora-messaging tools can
+read our events, but our services never import fedora_messaging.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.exchange_type import ExchangeType
+from pika.spec import Basic, BasicProperties
+
+from schemas.messages import Message, parse
+from schemas.topology import EXCHANGE, ROUTES, Route
+
+log = logging.getLogger(__name__)
+
+# fedora-messaging's severity levels; ours are informational.
+SEVERITY_INFO = 20
+
+
+class PublishError(Exception):
+    """The broker did not take a message: unreachable, refused, or unroutable."""
+
+
+def connect(url: str, heartbeat: int | None = None) -> pika.BlockingConnection:
+    """A blocking connection to ``url``; ``heartbeat`` (seconds) overrides the URL's."""
+    params = pika.URLParameters(url)
+    if heartbeat is not None:
+        params.heartbeat = heartbeat
+    params.connection_attempts = 1
+    params.blocked_connection_timeout = 30
+    return pika.BlockingConnection(params)
+
+
+def declare_topology(channel: BlockingChannel, arches: tuple[str, ...]) -> None:
+    """Declare our exchange, quorum queues and bindings; safe to call any number of times.
+
+    Only arguments that can never change live here (the queue type).  Delivery
+    limits and dead-lettering are policies, applied by ``retrace-admin``.
+    """
+    channel.exchange_declare(EXCHANGE, exchange_type=ExchangeType("topic"), durable=True)
+    for route in ROUTES:
+        if route.queue is None:
+            continue
+        for arch in arches if "{arch}" in route.queue else (None,):
+            queue = route.queue_for(arch)
+            channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_bind(queue, EXCHANGE, routing_key=route.topic_for(arch))
+
+
+def properties_for(route: Route, message: Message) -> BasicProperties:
+    """AMQP properties in fedora-messaging's wire format."""
+    return BasicProperties(
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_mode=2,
+        message_id=str(uuid.uuid4()),
+        headers={
+            "fedora_messaging_schema": f"{type(message).__module__}:{type(message).__name__}",
+            "fedora_messaging_severity": SEVERITY_INFO,
+            "sent-at": datetime.now(UTC).isoformat(),
+        },
+    )
+
+
+Publish = Callable[[Route, Message, "str | None"], None]
+"""What a service needs to send a message: :meth:`Publisher.publish` or a test's fake."""
+
+
+class Publisher:
+    """Publishes our messages with publisher confirms on one lazily opened connection.
+
+    Not thread-safe (pika is not): give each thread or worker process its own.
+    """
+
+    def __init__(self, url: str, heartbeat: int = 60) -> None:
+        self._url = url
+        self._heartbeat = heartbeat
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+
+    def _open(self) -> BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self.close()
+        self._connection = connect(self._url, self._heartbeat)
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        return self._channel
+
+    def publish(self, route: Route, message: Message, arch: str | None = None) -> None:
+        """Publish ``message`` on ``route``; raise :class:`PublishError` unless the broker took it.
+
+        Commands are published ``mandatory``: no queue taking them is an error.
+        One reconnect is tried if the connection had dropped since the last use.
+        """
+        if not isinstance(message, route.model):
+            raise TypeError(f"{route.topic} carries {route.model.__name__}, not {type(message)}")
+        body = message.model_dump_json().encode()
+        for attempt in (1, 2):
+            try:
+                channel = self._open()
+                channel.basic_publish(
+                    EXCHANGE,
+                    route.topic_for(arch),
+                    body,
+                    properties_for(route, message),
+                    mandatory=route.command,
+                )
+            except pika.exceptions.UnroutableError as exc:
+                raise PublishError(
+                    f"no queue takes {route.topic_for(arch)}: is an analyzer for it configured "
+                    "and the topology declared ('retrace-admin topology')?"
+                ) from exc
+            except pika.exceptions.NackError as exc:
+                raise PublishError(f"the broker refused {route.topic_for(arch)}") from exc
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self.close()
+                if attempt == 2:
+                    raise PublishError(f"the broker is unreachable: {exc!r}") from exc
+                continue
+            return
+
+    def close(self) -> None:
+        """Close the connection, if open."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except pika.exceptions.AMQPError:
+                log.debug("closing a broken connection", exc_info=True)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One received message, parsed."""
+
+    message: Message
+    redelivered: bool
+    headers: dict[str, Any]
+
+
+class Reject(Exception):
+    """Raised by a handler: the message cannot ever be handled; do not requeue it."""
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Consumer:
+    """Consumes one route's queues, one message at a time, keeping heartbeats alive.
+
+    The handler runs in a worker thread while this thread keeps servicing the
+    connection, so a job of many minutes never starves heartbeats; the worker hands
+    its outcome back with ``add_callback_threadsafe``.  The message is acked when the
+    handler returns; a :class:`Reject` rejects it without requeue (to the dead-letter
+    exchange, where a policy names one); any other exception requeues it for another
+    attempt, here or on another consumer.
+    """
+
+    def __init__(self, url: str, heartbeat: int, arches: tuple[str, ...]) -> None:
+        self._url = url
+        self._heartbeat = heartbeat
+        self._arches = arches
+        self._stopping = threading.Event()
+        self._busy = False
+        # Quorum queues have no channel-wide prefetch: with one queue per arch, a
+        # second message may arrive while one runs.  It waits here, unacked.
+        self._waiting: deque[Callable[[], None]] = deque()
+        self.connection: pika.BlockingConnection | None = None
+
+    def stop(self) -> None:
+        """Ask the loop to finish the current message and return."""
+        self._stopping.set()
+
+    def run(self, route: Route, handler: Handler) -> None:
+        """Consume ``route``'s queues (one per configured arch) until :meth:`stop`.
+
+        Messages received but not started when it stops are requeued by the broker.
+        """
+        connection = self.connection = connect(self._url, self._heartbeat)
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        declare_topology(channel, self._arches)
+        names = [route.queue_for(arch) for arch in self._arches]
+
+        def on_message(
+            ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+        ) -> None:
+            start = partial(self._start, connection, ch, method, props, body, route, handler)
+            if self._busy:
+                self._waiting.append(start)
+            else:
+                start()
+
+        for name in names:
+            channel.basic_consume(name, on_message)
+        log.info("consuming %s", ", ".join(names))
+        try:
+            while channel.is_open and (self._busy or not self._stopping.is_set()):
+                connection.process_data_events(time_limit=1)
+                while not self._busy and self._waiting and not self._stopping.is_set():
+                    self._waiting.popleft()()
+        finally:
+            self._waiting.clear()
+            if connection.is_open:
+                connection.close()
+
+    def _start(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        body: bytes,
+        route: Route,
+        handler: Handler,
+    ) -> None:
+        tag = method.delivery_tag
+        assert tag is not None
+        try:
+            message = parse(route.model, body)
+        except ValueError as exc:
+            log.error("rejecting a malformed %s message: %s", route.topic, exc)
+            channel.basic_reject(tag, requeue=False)
+            return
+        delivery = Delivery(message, bool(method.redelivered), dict(props.headers or {}))
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                handler(delivery)
+            except BaseException as exc:  # noqa: BLE001 -- handed back to the I/O thread
+                error = exc
+            connection.add_callback_threadsafe(lambda: self._finish(channel, tag, route, error))
+
+        self._busy = True
+        threading.Thread(target=work, name=f"handler-{tag}", daemon=True).start()
+
+    def _finish(
+        self, channel: BlockingChannel, tag: int, route: Route, error: BaseException | None
+    ) -> None:
+        self._busy = False
+        if not channel.is_open:
+            log.error("the channel closed while handling a message; the broker requeues it")
+        elif error is None:
+            channel.basic_ack(tag)
+        elif isinstance(error, Reject):
+            log.error("rejecting %s: %s", route.topic, error)
+            channel.basic_reject(tag, requeue=False)
+        else:
+            log.error("handling %s failed, requeueing: %r", route.topic, error)
+            channel.basic_nack(tag, requeue=True)

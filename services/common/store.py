@@ -1,0 +1,404 @@
+"""The store: tasks, mirrored packages and their build-ids, in one SQL schema.
+
+SQLite on one machine, PostgreSQL at scale; the schema is created and changed only
+by the migrations under ``migrations/`` (``retrace-admin migrate``).  Services call
+:meth:`Store.check_revision` at start and refuse to run on a mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+metadata = sa.MetaData()
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("password_digest", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("task_type", sa.String(16), nullable=False),
+    sa.Column("arch", sa.String(32), nullable=False),
+    sa.Column("progress", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("crash_function", sa.Text),
+    sa.Column("crash_module", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+)
+
+packages = sa.Table(
+    "packages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("version", sa.Text, nullable=False),
+    sa.Column("release", sa.Text, nullable=False),
+    sa.Column("arch", sa.String(32), nullable=False),
+    sa.Column("os_release", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("added_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("os_release", "name", "epoch", "version", "release", "arch"),
+)
+
+build_ids = sa.Table(
+    "build_ids",
+    metadata,
+    sa.Column("build_id", sa.String(128), nullable=False),
+    sa.Column(
+        "package_id", sa.Integer, sa.ForeignKey("packages.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint("build_id", "package_id", "path"),
+)
+
+
+class TaskStatus(StrEnum):
+    """A task's life: submitting → queued → running → success | failure."""
+
+    SUBMITTING = "submitting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+    @property
+    def final(self) -> bool:
+        """Whether the task has ended."""
+        return self in (TaskStatus.SUCCESS, TaskStatus.FAILURE)
+
+
+class BuildIdKind(StrEnum):
+    """Whether a build-id entry points at the binary itself or at its debug file."""
+
+    BINARY = "binary"
+    DEBUG = "debug"
+
+
+class SchemaMismatch(Exception):
+    """The database is not at the revision this code was written for."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One row of ``tasks``."""
+
+    id: str
+    password_digest: str
+    status: TaskStatus
+    task_type: str
+    arch: str
+    progress: str
+    reason: str | None
+    crash_function: str | None
+    crash_module: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Nevra:
+    """Name, epoch, version, release and architecture of one RPM."""
+
+    name: str
+    epoch: int
+    version: str
+    release: str
+    arch: str
+
+    def __str__(self) -> str:
+        epoch = f"{self.epoch}:" if self.epoch else ""
+        return f"{self.name}-{epoch}{self.version}-{self.release}.{self.arch}"
+
+
+@dataclass(frozen=True)
+class Package:
+    """One mirrored RPM."""
+
+    id: int
+    nevra: Nevra
+    os_release: str
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BuildIdHit:
+    """A package file that carries a build-id."""
+
+    build_id: str
+    kind: BuildIdKind
+    path: str
+    package: Package
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _enable_sqlite_concurrency(dbapi_conn: Any, _record: Any) -> None:
+    # Several processes share one SQLite file: WAL lets readers work during a write,
+    # and foreign keys must be switched on per connection.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for ``url``, set up for several processes sharing the database."""
+    if url.startswith("sqlite"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        sa.event.listen(engine, "connect", _enable_sqlite_concurrency)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _alembic_config(connection: Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+class Store:
+    """Access to the database; every method is one short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        """A store on the database at ``url``."""
+        return cls(create_engine(url))
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> str:
+        """Bring the schema up to the newest revision; return that revision."""
+        with self.engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), "head")
+        return self.head_revision()
+
+    def head_revision(self) -> str:
+        """The revision this code expects."""
+        head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+        assert head is not None
+        return head
+
+    def current_revision(self) -> str | None:
+        """The revision the database is at (``None`` for an empty database)."""
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def check_revision(self) -> None:
+        """Raise :class:`SchemaMismatch`, saying what to do, unless the schema is current."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            raise SchemaMismatch(
+                f"the database is at schema revision {current or 'none (empty)'} but this "
+                f"version of Retrace Server needs {head}: run 'retrace-admin migrate'"
+            )
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # -- tasks ----------------------------------------------------------------
+
+    def create_task(
+        self, task_id: str, password_digest: str, arch: str, task_type: str, progress: str
+    ) -> None:
+        """Record a new task in the ``submitting`` state."""
+        with self._tx() as conn:
+            conn.execute(
+                tasks.insert().values(
+                    id=task_id,
+                    password_digest=password_digest,
+                    status=TaskStatus.SUBMITTING,
+                    task_type=task_type,
+                    arch=arch,
+                    progress=progress,
+                    created_at=_utcnow(),
+                )
+            )
+
+    def get_task(self, task_id: str) -> Task | None:
+        """The task ``task_id``, or ``None`` if there is none."""
+        with self.engine.connect() as conn:
+            row = conn.execute(tasks.select().where(tasks.c.id == task_id)).mappings().first()
+        if row is None:
+            return None
+        return Task(**{**row, "status": TaskStatus(row["status"])})
+
+    def move_task(
+        self,
+        task_id: str,
+        allowed_from: Iterable[TaskStatus],
+        to: TaskStatus,
+        **fields: Any,
+    ) -> bool:
+        """Move a task to ``to`` only if it is in one of ``allowed_from``.
+
+        This guarded update is how two deliveries of the same command, or a late
+        one, end with exactly one result: only the first mover wins.
+        """
+        values: dict[str, Any] = {"status": to, **fields}
+        if to == TaskStatus.RUNNING:
+            values.setdefault("started_at", _utcnow())
+        if to.final:
+            values.setdefault("finished_at", _utcnow())
+        with self._tx() as conn:
+            result = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.status.in_(list(allowed_from)))
+                .values(**values)
+            )
+        return result.rowcount == 1
+
+    def set_progress(self, task_id: str, progress: str) -> None:
+        """Record the one-line progress shown by ``GET /<id>``."""
+        with self._tx() as conn:
+            conn.execute(tasks.update().where(tasks.c.id == task_id).values(progress=progress))
+
+    def delete_task(self, task_id: str) -> None:
+        """Forget a task."""
+        with self._tx() as conn:
+            conn.execute(tasks.delete().where(tasks.c.id == task_id))
+
+    # -- packages and build-ids -----------------------------------------------
+
+    def add_package(
+        self,
+        nevra: Nevra,
+        os_release: str,
+        path: str,
+        sha256: str,
+        size: int,
+        entries: Sequence[tuple[str, BuildIdKind, str]],
+    ) -> tuple[Package, bool]:
+        """Record a package and its build-id entries ``(build_id, kind, path)``.
+
+        Idempotent: importing the same package again returns the existing row and
+        ``False``; a different file under the same NEVRA and release is refused.
+        """
+        key = (
+            packages.c.os_release == os_release,
+            packages.c.name == nevra.name,
+            packages.c.epoch == nevra.epoch,
+            packages.c.version == nevra.version,
+            packages.c.release == nevra.release,
+            packages.c.arch == nevra.arch,
+        )
+        with self._tx() as conn:
+            row = conn.execute(packages.select().where(*key)).mappings().first()
+            if row is not None:
+                if row["sha256"] != sha256:
+                    raise ValueError(
+                        f"{nevra} for {os_release} is already mirrored with a different "
+                        f"content (sha256 {row['sha256']}, this file {sha256})"
+                    )
+                return _package(row), False
+            inserted = conn.execute(
+                packages.insert().values(
+                    name=nevra.name,
+                    epoch=nevra.epoch,
+                    version=nevra.version,
+                    release=nevra.release,
+                    arch=nevra.arch,
+                    os_release=os_release,
+                    path=path,
+                    sha256=sha256,
+                    size=size,
+                    added_at=_utcnow(),
+                )
+            ).inserted_primary_key
+            assert inserted is not None
+            package_id = inserted[0]
+            unique = {(b, k, p) for b, k, p in entries}
+            if unique:
+                conn.execute(
+                    build_ids.insert(),
+                    [
+                        {"build_id": b, "package_id": package_id, "kind": k, "path": p}
+                        for b, k, p in sorted(unique)
+                    ],
+                )
+            added = conn.execute(packages.select().where(packages.c.id == package_id))
+            return _package(added.mappings().one()), True
+
+    def find_build_ids(self, wanted: Iterable[str]) -> list[BuildIdHit]:
+        """Every package file that carries one of the ``wanted`` build-ids."""
+        ids = sorted(set(wanted))
+        if not ids:
+            return []
+        query = (
+            sa.select(
+                packages,
+                build_ids.c.build_id,
+                build_ids.c.kind,
+                build_ids.c.path.label("entry_path"),
+            )
+            .join(packages, packages.c.id == build_ids.c.package_id)
+            .where(build_ids.c.build_id.in_(ids))
+            .order_by(build_ids.c.build_id, packages.c.id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            BuildIdHit(
+                build_id=row["build_id"],
+                kind=BuildIdKind(row["kind"]),
+                path=row["entry_path"],
+                package=_package(row),
+            )
+            for row in rows
+        ]
+
+    def find_packages(self, name: str, os_release: str, arch: str | None = None) -> list[Package]:
+        """Every mirrored version of ``name`` for ``os_release``, newest import first."""
+        query = packages.select().where(
+            packages.c.name == name, packages.c.os_release == os_release
+        )
+        if arch is not None:
+            query = query.where(packages.c.arch == arch)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(packages.c.id.desc())).mappings().all()
+        return [_package(row) for row in rows]
+
+
+def _package(row: Any) -> Package:
+    return Package(
+        id=row["id"],
+        nevra=Nevra(row["name"], row["epoch"], row["version"], row["release"], row["arch"]),
+        os_release=row["os_release"],
+        path=row["path"],
+        sha256=row["sha256"],
+        size=row["size"],
+    )

@@ -1,0 +1,26 @@
+"""Wiring the intake from settings: the store, the spool and the broker."""
+
+from __future__ import annotations
+
+import logging
+
+import falcon
+
+from services.common.bus import Publisher
+from services.common.logs import setup_logging
+from services.common.settings import load_settings, log_settings
+from services.common.spool import Spool
+from services.common.store import Store
+from services.intake.app import create_app
+
+
+def build_app() -> falcon.App[falcon.Request, falcon.Response]:
+    """Read and check the settings, check the schema, and build the application."""
+    setup_logging()
+    settings = load_settings()
+    log_settings(settings, "retrace-intake")
+    store = Store.from_url(settings.store_url)
+    store.check_revision()
+    publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    logging.getLogger(__name__).info("intake ready; spool %s", settings.spool)
+    return create_app(settings, store, Spool(settings.spool), publisher.publish)

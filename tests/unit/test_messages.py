@@ -1,0 +1,69 @@
+"""Producers forbid unknown fields; consumers ignore them (rolling upgrades)."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.messages import (
+    AnalyzeTaskV1,
+    Outcome,
+    TaskFinishedV1,
+    consumer_schema,
+    parse,
+)
+from schemas.topology import ANALYZE, ROUTES, TASK_FINISHED
+
+
+def test_producer_refuses_an_unknown_field() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        AnalyzeTaskV1(task_id="abcdefgh12", arch="x86_64", surprise=1)  # type: ignore[call-arg]
+
+
+def test_consumer_ignores_a_field_added_by_a_newer_producer() -> None:
+    body = json.dumps(
+        {"task_id": "abcdefgh12", "arch": "x86_64", "priority": "high", "task_type": "retrace"}
+    )
+    command = parse(AnalyzeTaskV1, body)
+    assert isinstance(command, AnalyzeTaskV1)
+    assert command.task_id == "abcdefgh12"
+    assert not hasattr(command, "priority")
+
+
+def test_consumer_still_rejects_a_body_missing_a_required_field() -> None:
+    with pytest.raises(ValidationError, match="arch"):
+        parse(AnalyzeTaskV1, json.dumps({"task_id": "abcdefgh12"}))
+
+
+def test_a_published_body_parses_back_to_the_same_message() -> None:
+    event = TaskFinishedV1(
+        task_id="abcdefgh12",
+        arch="x86_64",
+        outcome=Outcome.SUCCESS,
+        crash_function="crasher_parse_record",
+        crash_module="/usr/lib64/libcrasher.so.1",
+    )
+    assert parse(TaskFinishedV1, event.model_dump_json()).model_dump() == event.model_dump()
+
+
+def test_task_ids_that_could_escape_the_spool_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        AnalyzeTaskV1(task_id="../../etc", arch="x86_64")
+
+
+def test_consumer_schema_allows_additional_properties() -> None:
+    strict = AnalyzeTaskV1.model_json_schema()
+    lenient = consumer_schema(AnalyzeTaskV1)
+    assert strict.get("additionalProperties") is False
+    assert "additionalProperties" not in lenient
+    assert lenient["required"] == strict["required"]
+
+
+def test_every_route_is_named_once_and_versioned() -> None:
+    topics = [route.topic for route in ROUTES]
+    assert len(set(topics)) == len(topics)
+    assert all(".v1" in topic for topic in topics)
+    assert ANALYZE.topic_for("aarch64") == "retrace.analyze.v1.aarch64"
+    assert ANALYZE.queue_for("aarch64") == "retrace.analyze.aarch64"
+    with pytest.raises(ValueError, match="event"):
+        TASK_FINISHED.queue_for()

@@ -1,0 +1,81 @@
+"""The store: migrations, the revision check, guarded task moves, the package index."""
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from services.common.store import (
+    BuildIdKind,
+    Nevra,
+    SchemaMismatch,
+    Store,
+    TaskStatus,
+    metadata,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
+    store.migrate()
+    return store
+
+
+def test_an_empty_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    store = Store.from_url(f"sqlite:///{tmp_path}/empty.sqlite3")
+    with pytest.raises(SchemaMismatch, match="retrace-admin migrate"):
+        store.check_revision()
+
+
+def test_the_migrations_create_exactly_the_tables_the_code_uses(store: Store) -> None:
+    store.check_revision()
+    with store.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+    # Indexes are the migrations' business; tables and columns must agree exactly.
+    assert [d for d in differences if d[0] not in ("add_index", "remove_index")] == []
+
+
+def test_migrate_twice_changes_nothing(store: Store) -> None:
+    assert store.migrate() == store.head_revision()
+
+
+def test_only_the_first_of_two_attempts_finishes_a_task(store: Store) -> None:
+    store.create_task("task-0001", "d" * 64, "x86_64", "retrace", "queued")
+    assert store.move_task("task-0001", [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+    assert store.move_task("task-0001", [TaskStatus.QUEUED], TaskStatus.RUNNING)
+    assert store.move_task("task-0001", [TaskStatus.RUNNING], TaskStatus.SUCCESS)
+    assert not store.move_task("task-0001", [TaskStatus.RUNNING], TaskStatus.FAILURE)
+    task = store.get_task("task-0001")
+    assert task is not None
+    assert task.status == TaskStatus.SUCCESS
+    assert task.started_at is not None
+    assert task.finished_at is not None
+
+
+def test_a_package_is_recorded_once_with_its_build_ids(store: Store) -> None:
+    nevra = Nevra("crasher", 0, "1.0", "1.fc40", "x86_64")
+    entries = [("ab" * 20, BuildIdKind.BINARY, "/usr/bin/crasher")]
+    first, new = store.add_package(nevra, "fedora-40", "p/c.rpm", "0" * 64, 10, entries)
+    again, new_again = store.add_package(nevra, "fedora-40", "p/c.rpm", "0" * 64, 10, entries)
+    assert new
+    assert not new_again
+    assert again == first
+    hits = store.find_build_ids(["ab" * 20, "cd" * 20])
+    assert [(h.package, h.kind, h.path) for h in hits] == [
+        (first, BuildIdKind.BINARY, "/usr/bin/crasher")
+    ]
+    assert hits[0].package.path == "p/c.rpm"
+
+
+def test_a_different_file_under_a_known_nevra_is_refused(store: Store) -> None:
+    nevra = Nevra("crasher", 0, "1.0", "1.fc40", "x86_64")
+    store.add_package(nevra, "fedora-40", "p/c.rpm", "0" * 64, 10, [])
+    with pytest.raises(ValueError, match="different content"):
+        store.add_package(nevra, "fedora-40", "p/c.rpm", "1" * 64, 10, [])
+
+
+def test_nevra_prints_as_rpm_does() -> None:
+    assert str(Nevra("glibc", 0, "2.36", "9.fc40", "x86_64")) == "glibc-2.36-9.fc40.x86_64"
+    assert str(Nevra("bash", 2, "5.2", "1.fc40", "x86_64")) == "bash-2:5.2-1.fc40.x86_64"
