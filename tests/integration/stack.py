@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.fixtures.build import Fixtures
+
 BIN = Path(sys.executable).parent
 
 
@@ -29,12 +31,14 @@ class Stack:
 
     home: Path
     broker_url: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    """Settings as RETRACE_<SECTION>__<KEY> environment overrides."""
     port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "RETRACE_CONFIG": str(self.home / "retrace.toml")}
+        return {**os.environ, **self.overrides, "RETRACE_CONFIG": str(self.home / "retrace.toml")}
 
     @property
     def base(self) -> str:
@@ -135,3 +139,19 @@ def pack_problem_dir(problem_dir: Path, dest: Path) -> Path:
         for path in sorted(problem_dir.iterdir()):
             tar.add(path, arcname=path.name)
     return dest
+
+
+def start_stack(
+    home: Path,
+    broker_url: str,
+    fixtures: Fixtures,
+    leave_out: tuple[str, ...] = (),
+    overrides: dict[str, str] | None = None,
+) -> Stack:
+    """A running stack whose mirror holds the fixture RPMs (but those in ``leave_out``)."""
+    stack = Stack(home, broker_url, overrides=overrides or {})
+    stack.up()
+    rpms = [str(r.path) for r in fixtures.rpms if r.name not in leave_out]
+    imported = stack.command("retrace-mirror", "import", *rpms)
+    assert imported.returncode == 0, imported.stderr
+    return stack

@@ -18,22 +18,11 @@ from schemas.messages import TaskFinishedV1, parse
 from schemas.topology import EXCHANGE, TASK_FINISHED
 from services.common.bus import connect
 from tests.fixtures.build import Fixtures
-from tests.integration.stack import Stack, pack_problem_dir
+from tests.integration.stack import Stack, pack_problem_dir, start_stack
 
 pytestmark = pytest.mark.integration
 
 XZ = {"Content-Type": "application/x-xz-compressed-tar"}
-
-
-def start_stack(
-    home: Path, broker_url: str, fixtures: Fixtures, leave_out: tuple[str, ...] = ()
-) -> Stack:
-    stack = Stack(home, broker_url)
-    stack.up()
-    rpms = [str(r.path) for r in fixtures.rpms if r.name not in leave_out]
-    imported = stack.command("retrace-mirror", "import", *rpms)
-    assert imported.returncode == 0, imported.stderr
-    return stack
 
 
 def submit(stack: Stack, fixtures: Fixtures, tmp: Path) -> tuple[str, str]:

@@ -1,0 +1,182 @@
+"""retrace-client against the real stack (intake, RabbitMQ, analyzer, mirror import)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.build import Fixtures
+from tests.integration.stack import Stack, start_stack
+
+pytestmark = pytest.mark.integration
+
+CLIENT = str(Path(sys.executable).parent / "retrace-client")
+STAND_INS = Path(__file__).parent.parent / "fixtures" / "coredumpctl"
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_broker_url: Callable[[], str],
+    crash_fixtures: Fixtures,
+) -> Iterator[Stack]:
+    stack = start_stack(tmp_path_factory.mktemp("client"), make_broker_url(), crash_fixtures)
+    yield stack
+    stack.down()
+
+
+def client(
+    stack: Stack, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLIENT, "--state", str(tmp_path / "tasks.json"), *args],
+        env={**os.environ, "RETRACE_SERVER_URI": stack.base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def problem_dir(fixtures: Fixtures, tmp_path: Path) -> Path:
+    copy = tmp_path / "problem"
+    shutil.copytree(fixtures.crash.problem_dir, copy)
+    return copy
+
+
+def test_batch_sends_waits_prints_and_saves_the_backtrace(
+    stack: Stack, crash_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    directory = problem_dir(crash_fixtures, tmp_path)
+    done = client(
+        stack, tmp_path, "batch", "--dir", str(directory), "--status-delay", "0.5", "--force"
+    )
+    assert done.returncode == 0, done.stderr
+    crash = crash_fixtures.crash
+    assert f"in {crash.function} (" in done.stdout
+    assert f"{crash.local_name} = {crash.local_value}" in done.stdout
+    assert "FINISHED_SUCCESS" in done.stderr
+    assert (directory / "backtrace").read_text() == done.stdout
+    # The task is remembered, so later commands need only its id.
+    [task] = json.loads((tmp_path / "tasks.json").read_text())["tasks"]
+    status = client(stack, tmp_path, "status", task)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0] == "FINISHED_SUCCESS"
+    log = client(stack, tmp_path, "log", task)
+    assert log.returncode == 0
+    assert "Retrace finished successfully." in log.stdout
+
+
+def test_create_then_backtrace_by_task_id(
+    stack: Stack, crash_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    crash = crash_fixtures.crash
+    created = client(
+        stack, tmp_path, "create", "--core", str(crash.coredump),
+        "--executable", crash.executable, "--package", crash.package, "--force",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    task = created.stdout.split("Task Id: ")[1].split()[0]
+    password = created.stdout.split("Task Password: ")[1].split()[0]
+    assert stack.wait_finished(task, password) == "FINISHED_SUCCESS"
+    # Another machine that knows only the id and password.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = client(stack, elsewhere, "backtrace", task, "--password", password)
+    assert done.returncode == 0, done.stderr
+    assert crash.function in done.stdout
+
+
+def test_systemd_coredump_crash_through_coredumpctl(
+    stack: Stack, crash_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    """systemd does not run here: a stand-in coredumpctl answers from a journal entry."""
+    crash = crash_fixtures.crash
+    journal = tmp_path / "journal.json"
+    journal.write_text(
+        json.dumps(
+            {
+                "COREDUMP_PID": "4242",
+                "COREDUMP_EXE": crash.executable,
+                "COREDUMP_PACKAGE_NAME": "crasher",
+                "COREDUMP_PACKAGE_VERSION": "1.0-1.fc40",
+                "COREDUMP_CMDLINE": crash.executable,
+                "COREDUMP_FILENAME": str(crash.coredump),
+            }
+        )
+    )
+    env = {"PATH": f"{STAND_INS}:{os.environ['PATH']}", "FAKE_COREDUMP_JOURNAL": str(journal)}
+    done = client(
+        stack, tmp_path, "batch", "--coredumpctl", "4242", "--status-delay", "0.5", "--force",
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert crash.function in done.stdout
+    missing = client(stack, tmp_path, "create", "--coredumpctl", "999", env=env)
+    assert missing.returncode == 2
+    assert "No coredumps found" in missing.stderr
+
+
+def test_an_unknown_package_is_refused_before_uploading(
+    stack: Stack, crash_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    crash = crash_fixtures.crash
+    done = client(
+        stack, tmp_path, "create", "--core", str(crash.coredump),
+        "--executable", crash.executable, "--package", "nosuchpackage-1.0-1.fc40",
+    )  # fmt: skip
+    assert done.returncode == 3
+    assert "does not have nosuchpackage-1.0-1.fc40" in done.stderr
+    assert not (tmp_path / "tasks.json").exists()
+
+
+def test_a_core_too_large_for_the_server_is_refused_before_uploading(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_broker_url: Callable[[], str],
+    crash_fixtures: Fixtures,
+    tmp_path: Path,
+) -> None:
+    small = start_stack(
+        tmp_path_factory.mktemp("small"),
+        make_broker_url(),
+        crash_fixtures,
+        overrides={"RETRACE_INTAKE__MAX_UNPACKED_SIZE_MIB": "1"},
+    )
+    big_core = tmp_path / "core"
+    big_core.write_bytes(crash_fixtures.crash.coredump.read_bytes() + bytes(2 << 20))
+    try:
+        crash = crash_fixtures.crash
+        done = client(
+            small, tmp_path, "create", "--core", str(big_core),
+            "--executable", crash.executable, "--package", crash.package,
+        )  # fmt: skip
+    finally:
+        small.down()
+    assert done.returncode == 3
+    assert "the server takes at most" in done.stderr
+
+
+def test_a_task_the_client_does_not_know_asks_for_its_password(
+    stack: Stack, tmp_path: Path
+) -> None:
+    done = client(stack, tmp_path, "status", "UnknownTask123")
+    assert done.returncode == 2
+    assert "--password" in done.stderr
+    wrong = client(stack, tmp_path, "status", "UnknownTask123", "--password", "x" * 32)
+    assert wrong.returncode == 3
+
+
+def test_an_unreachable_server_is_exit_code_4(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [CLIENT, "--uri", "http://127.0.0.1:9", "settings"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 4
+    assert "cannot talk to http://127.0.0.1:9" in done.stderr
