@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,17 +19,6 @@ pytestmark = pytest.mark.integration
 
 CLIENT = str(Path(sys.executable).parent / "retrace-client")
 STAND_INS = Path(__file__).parent.parent / "fixtures" / "coredumpctl"
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory,
-    make_broker_url: Callable[[], str],
-    crash_fixtures: Fixtures,
-) -> Iterator[Stack]:
-    stack = start_stack(tmp_path_factory.mktemp("client"), make_broker_url(), crash_fixtures)
-    yield stack
-    stack.down()
 
 
 def client(
@@ -112,7 +101,14 @@ def test_systemd_coredump_crash_through_coredumpctl(
             }
         )
     )
-    env = {"PATH": f"{STAND_INS}:{os.environ['PATH']}", "FAKE_COREDUMP_JOURNAL": str(journal)}
+    # Run by this very interpreter: a shebang through a version-manager shim can stall.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "coredumpctl"
+    source = (STAND_INS / "coredumpctl").read_text().split("\n", 1)[1]
+    stand_in.write_text(f"#!{sys.executable}\n{source}")
+    stand_in.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_COREDUMP_JOURNAL": str(journal)}
     done = client(
         stack, tmp_path, "batch", "--coredumpctl", "4242", "--status-delay", "0.5", "--force",
         env=env,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,17 +32,6 @@ def submit(stack: Stack, fixtures: Fixtures, tmp: Path) -> tuple[str, str]:
     # Spelled on the wire exactly as the original server did, for clients that match it so.
     assert {"X-Task-Id", "X-Task-Password"} <= set(headers.keys())
     return headers["X-Task-Id"], headers["X-Task-Password"]
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory,
-    make_broker_url: Callable[[], str],
-    crash_fixtures: Fixtures,
-) -> Iterator[Stack]:
-    stack = start_stack(tmp_path_factory.mktemp("stack"), make_broker_url(), crash_fixtures)
-    yield stack
-    stack.down()
 
 
 def test_a_real_crash_is_retraced_through_the_whole_system(
