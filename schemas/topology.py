@@ -68,15 +68,10 @@ BUILD_SYNCED = Route(
 
 ROUTES: tuple[Route, ...] = (ANALYZE, TASK_FINISHED, MIRROR_BUILD, BUILD_SYNCED)
 
-MIRROR_WAIT_QUEUES: tuple[tuple[int, str], ...] = (
-    (15, "retrace.mirror.build.wait.15s"),
-    (60, "retrace.mirror.build.wait.1m"),
-    (300, "retrace.mirror.build.wait.5m"),
-    (1800, "retrace.mirror.build.wait.30m"),
-)
-"""Where a mirror command waits out a Koji outage, ``(seconds, queue)``, shortest first.
+MIRROR_WAIT_QUEUE = "retrace.mirror.build.wait.{seconds}s"
+"""Where a mirror command waits out a Koji outage for ``seconds`` (``mirror.retry_delays``).
 
-Each queue holds its messages for its time, then dead-letters them back to
+Each such queue holds its messages for its time, then dead-letters them back to
 :data:`EXCHANGE` under :data:`MIRROR_BUILD`'s topic: a retry with backoff that
 survives a restart of the worker and never hot-loops.
 """
