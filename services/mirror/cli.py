@@ -21,6 +21,7 @@ from services.mirror.http import serve
 from services.mirror.importer import import_rpm
 from services.mirror.koji import KojiError, KojiHub, KojiUnavailable
 from services.mirror.listener import listen
+from services.mirror.retention import prune
 from services.mirror.worker import MirrorHandler, WaitQueues, clean_incoming, run_worker
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--remove", action="store_true", help="remove the build instead (with --build)"
     )
+    sub.add_parser("prune", help="apply the retention settings (EOL releases, size cap)")
     serve = sub.add_parser("serve", help="serve the repository over HTTP (dnf, /metrics)")
     serve.add_argument("--bind", default="127.0.0.1:8081", help="HOST:PORT to listen on")
     serve.add_argument("--workers", type=int, default=2)
@@ -56,7 +58,7 @@ def koji_for(settings: Settings) -> KojiHub:
     return KojiHub(mirror.koji_hub, mirror.koji_topurl, mirror.koji_timeout)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return per command
     """Entry point of the ``retrace-mirror`` command."""
     args = _parser().parse_args(argv)
     setup_logging()
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sync":
         return _sync(settings, args)
+    if args.command == "prune":
+        return _prune(store, settings)
     return serve(settings, store, args.bind, args.workers)
 
 
@@ -118,6 +122,12 @@ def _worker(store: Store, settings: Settings) -> int:
     finally:
         waits.close()
         publisher.close()
+    return 0
+
+
+def _prune(store: Store, settings: Settings) -> int:
+    done = prune(store, settings.repo, settings.mirror)
+    print(f"pruned {done.packages} packages ({done.bytes} bytes)")
     return 0
 
 

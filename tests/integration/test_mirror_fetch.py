@@ -15,6 +15,7 @@ from services.common.settings import MirrorSettings
 from services.common.store import Store
 from services.mirror.fetcher import BadDownload, Fetcher, UnknownBuild
 from services.mirror.koji import KojiHub, KojiUnavailable
+from services.mirror.retention import prune
 from tests.fixtures.build import Fixtures
 from tests.integration.koji_hub import KojiStandIn, build_rpms
 
@@ -286,3 +287,25 @@ def test_signed_copies_are_preferred_when_a_key_is_configured(
     assert "multiCall" in koji.calls  # the signatures of all RPMs in one round trip
     signed = "/kojifiles/packages/signedpkg/1.0/1.fc40/data/signed/a15b79cc/noarch/"
     assert f"{signed}signedpkg-1.0-1.fc40.noarch.rpm" in koji.paths
+
+
+def test_retention_keeps_everything_by_default_and_applies_eol_and_size_cap(
+    tmp_path: Path, koji: KojiStandIn
+) -> None:
+    fetcher, store, _events, repo = make_fetcher(tmp_path, koji)
+    for build in (NOARCH, ARCHIVED):
+        fetcher.handle(MirrorBuildV1(build=build))
+    assert prune(store, repo, MirrorSettings()).packages == 0
+    assert len(store.all_packages()) == 5
+
+    # A cap just under the total drops the oldest import first (a noarch one, with its links).
+    total = sum(p.size for p in store.all_packages())
+    oldest = store.all_packages()[0]
+    capped = MirrorSettings(max_size_gib=(total - 1) / (1 << 30))
+    assert prune(store, repo, capped).packages == 1
+    assert oldest.id not in {p.id for p in store.all_packages()}
+    assert not list(repo.rglob(Path(oldest.path).name))
+
+    assert prune(store, repo, MirrorSettings(eol_releases=("fedora-40",))).packages == 4
+    assert store.all_packages() == []
+    assert not (repo / "fedora-40").exists()
