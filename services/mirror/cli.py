@@ -21,6 +21,7 @@ from services.mirror.http import serve
 from services.mirror.importer import import_rpm
 from services.mirror.koji import KojiError, KojiHub, KojiUnavailable
 from services.mirror.listener import listen
+from services.mirror.repo import update_metadata
 from services.mirror.retention import prune
 from services.mirror.worker import MirrorHandler, WaitQueues, clean_incoming, run_worker
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
 
 def _import(store: Store, settings: Settings, files: list[Path], release: str | None) -> int:
     failed = 0
+    touched: set[Path] = set()
     for path in files:
         try:
             done = import_rpm(store, settings.repo, path, release)
@@ -97,6 +99,14 @@ def _import(store: Store, settings: Settings, files: list[Path], release: str | 
         print(
             f"{state}: {done.package.nevra} ({done.package.os_release}, {done.build_ids} build-ids)"
         )
+        touched.add((settings.repo / done.package.path).parent.parent)
+    try:
+        # dnf and debuginfod see the new files only through the metadata.
+        for folder in sorted(touched):
+            update_metadata(folder, settings.mirror.createrepo_workers)
+    except CommandError as exc:
+        print(f"retrace-mirror: updating the repository metadata failed: {exc}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

@@ -103,7 +103,9 @@ class Fetcher:
 
     def _skip(self, build: KojiBuildInfo, release: str | None, reason: str) -> Synced:
         log.info("skipping build %s (%d): %s", build.nvr, build.id, reason)
-        if self._store.get_build(build.id) is None or release is not None:
+        known = self._store.get_build(build.id)
+        # A build once mirrored stays recorded as such: a later skip says nothing new.
+        if known is None or known.state != "mirrored":
             self._store.record_build(
                 build.id, build.nvr, release, "skipped", reason, build.completed_at
             )
@@ -152,7 +154,9 @@ class Fetcher:
             touched.add(rpm.arch)
         touched.discard("noarch")
         for arch in sorted(touched):
-            update_metadata(self._repo / release / arch, self._settings.createrepo_workers)
+            folder = self._repo / release / arch
+            if new_files or not (folder / "repodata" / "repomd.xml").exists():
+                update_metadata(folder, self._settings.createrepo_workers)
         self._store.record_build(
             build.id,
             build.nvr,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import xmlrpc.client
@@ -88,6 +89,15 @@ class Build:
         }
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client closing a kept-alive connection, or a test killing a download, is normal.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class KojiStandIn:
     """The hub and file server; :meth:`add_build` publishes RPM files in Koji's layout."""
 
@@ -102,10 +112,12 @@ class KojiStandIn:
         self.downloads: list[str] = []
         self.paths: list[str] = []
         self.refused = 0  # requests answered 503 while down
+        self.stall: dict[str, int] = {}  # file name -> downloads to cut off halfway
+        self.stalled = threading.Event()  # set when a download is hanging halfway
+        self.release_stalls = threading.Event()
         self._next_rpm_id = 1000
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     # -- life -----------------------------------------------------------------
@@ -342,6 +354,21 @@ def _handler_for(koji: KojiStandIn) -> type[BaseHTTPRequestHandler]:
                 self._answer(404, b"Not Found", "text/plain")
                 return
             data = path.read_bytes()
+            with koji._lock:
+                stall = koji.stall.get(path.name, 0)
+                if stall:
+                    koji.stall[path.name] = stall - 1
+            if stall:
+                # Half the file, then nothing: a download a test interrupts.
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                koji.stalled.set()
+                koji.release_stalls.wait(60)
+                self.close_connection = True
+                return
             koji.downloads.append(path.name)
             koji.paths.append(self.path)
             with koji._lock:
@@ -357,7 +384,13 @@ def _handler_for(koji: KojiStandIn) -> type[BaseHTTPRequestHandler]:
 
 
 def build_rpms(
-    out: Path, name: str, count: int, size_kib: int = 64, arch: str = "noarch", release: str = "1"
+    out: Path,
+    name: str,
+    count: int,
+    size_kib: int = 64,
+    arch: str = "noarch",
+    release: str = "1",
+    dist: str = ".fc40",
 ) -> list[Path]:
     """``count`` real RPMs of one source package (``name`` plus subpackages), by rpmbuild.
 
@@ -390,7 +423,7 @@ def build_rpms(
             "--define",
             f"_topdir {top}",
             "--define",
-            "dist .fc40",
+            f"dist {dist}",
             "--define",
             "_binary_payload w1.gzdio",
             str(spec),

@@ -309,3 +309,16 @@ def test_retention_keeps_everything_by_default_and_applies_eol_and_size_cap(
     assert prune(store, repo, MirrorSettings(eol_releases=("fedora-40",))).packages == 4
     assert store.all_packages() == []
     assert not (repo / "fedora-40").exists()
+
+
+def test_a_configured_koji_tag_names_the_release(tmp_path: Path, koji: KojiStandIn) -> None:
+    koji.add_build(110, build_rpms(tmp_path / "epel", "epelpkg", 1, dist=".el9"), tags=("epel9",))
+    fetcher, store, _events, repo = make_fetcher(tmp_path, koji, tag_releases={"epel9": "epel-9"})
+    assert fetcher.handle(MirrorBuildV1(build=110)).action == "mirrored"
+    assert (repo / "epel-9/noarch/Packages/epelpkg-1.0-1.el9.noarch.rpm").exists()
+    assert [p.os_release for p in store.all_packages()] == ["epel-9"]
+    # Without the map there is no dist tag to go by: skipped, with the reason.
+    plain, _store, _events, _repo = make_fetcher(tmp_path / "plain", koji)
+    done = plain.handle(MirrorBuildV1(build=110))
+    assert done.action == "skipped"
+    assert "no dist tag" in (done.reason or "")

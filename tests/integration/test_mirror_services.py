@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 PREFIX = "org.fedoraproject.prod"
 CRASHER, GLIBC, FILESYSTEM = 201, 202, 203
-IGNORED, DROPPED, LATE, OUTAGE = 204, 205, 206, 207
+IGNORED, DROPPED, LATE, OUTAGE, INTERRUPTED, TAGGED = 204, 205, 206, 207, 208, 209
 
 
 class Mirror:
@@ -35,6 +35,7 @@ class Mirror:
         self.koji_broker = koji_broker
         self.store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
         self.listener = stack.start("retrace-mirror", "listen", log_name="mirror-listen")
+        self.worker = stack.start("retrace-mirror", "worker", log_name="mirror-worker")
 
     def restart_listener(self) -> None:
         self.listener.terminate()
@@ -126,7 +127,6 @@ def mirror(
     )
     stack = Stack(root / "home", make_broker_url(), extra_settings=settings)
     stack.up()
-    stack.start("retrace-mirror", "worker", log_name="mirror-worker")
     mirror = Mirror(stack, koji, koji_broker)
     wait_listening(mirror)
     yield mirror
@@ -193,6 +193,42 @@ def test_builds_completed_while_the_listener_was_down_are_caught_up(mirror: Mirr
     caught_up = (mirror.stack.home / "mirror-listen-2.log").read_text()
     assert "builds completed since the last seen" in caught_up
     assert "late-1.0-1.fc40" not in (mirror.stack.home / "mirror-listen.log").read_text()
+
+
+def test_an_interrupted_download_leaves_nothing_and_is_redone(mirror: Mirror) -> None:
+    rpms = build_rpms(mirror.stack.home.parent, "interrupted", 1, size_kib=4096)
+    mirror.koji.add_build(INTERRUPTED, rpms)
+    name = rpms[0].name
+    mirror.koji.stall[name] = 1
+    queued = mirror.stack.command("retrace-mirror", "sync", "--build", "interrupted-1.0-1.fc40")
+    assert queued.returncode == 0, queued.stderr
+    assert mirror.koji.stalled.wait(60), mirror.stack.logs()
+    mirror.worker.kill()  # no chance to clean up: as if the machine went down
+    mirror.worker.wait(timeout=30)
+    mirror.koji.release_stalls.set()
+    repo = mirror.stack.home / "var" / "repo"
+    assert [p for p in repo.rglob(name) if ".incoming" not in p.parts] == []
+    mirror.stack.processes.remove(mirror.worker)
+    mirror.worker = mirror.stack.start("retrace-mirror", "worker", log_name="mirror-worker-2")
+    mirror.wait_build(INTERRUPTED, "mirrored")
+    placed = repo / "fedora-40" / "noarch" / "Packages" / name
+    assert placed.read_bytes() == rpms[0].read_bytes()
+    assert not list((repo / ".incoming").iterdir())
+
+
+def test_sync_backfills_a_tag_and_a_date(mirror: Mirror) -> None:
+    since = datetime.now(UTC).isoformat()
+    mirror.koji.add_build(
+        TAGGED, build_rpms(mirror.stack.home.parent, "tagged", 1), tags=("f40-updates",)
+    )
+    by_tag = mirror.stack.command("retrace-mirror", "sync", "--tag", "f40-updates")
+    assert by_tag.returncode == 0, by_tag.stderr
+    assert "1 builds queued" in by_tag.stdout
+    mirror.wait_build(TAGGED, "mirrored")
+    by_date = mirror.stack.command("retrace-mirror", "sync", "--since", since)
+    assert by_date.returncode == 0, by_date.stderr
+    assert f"queued: mirror build {TAGGED}" in by_date.stdout
+    assert "1 builds queued" in by_date.stdout
 
 
 def test_a_crash_of_a_build_announced_by_koji_is_retraced(

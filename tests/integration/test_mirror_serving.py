@@ -36,10 +36,6 @@ def home(tmp_path_factory: pytest.TempPathFactory, crash_fixtures: Fixtures) -> 
         check=True,
         capture_output=True,
     )
-    # 'import' places files; the worker refreshes metadata after a build: do it here.
-    from services.mirror.repo import update_metadata
-
-    update_metadata(home / "var" / "repo" / "fedora-40" / "x86_64")
     return home
 
 
