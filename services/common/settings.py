@@ -91,6 +91,7 @@ class MirrorSettings(_Section):
     arches: tuple[str, ...] = ("x86_64",)
     tag_releases: dict[str, str] = {}
     sigkeys: tuple[str, ...] = ()
+    gpg_keys: tuple[Path, ...] = ()
     catch_up_interval: int = Field(default=600, ge=1)
     retry_delays: tuple[int, ...] = (15, 60, 300, 1800)
     download_attempts: int = Field(default=3, ge=1)

@@ -119,6 +119,7 @@ def _worker(store: Store, settings: Settings) -> int:
         settings.mirror,
         koji_for(settings),
         publish=publisher.publish,
+        gpg_keys=[settings.resolve(k) for k in settings.mirror.gpg_keys],
     )
     waits = WaitQueues(settings.broker.url, settings.mirror.retry_delays)
     try:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from schemas.messages import BuildSyncedV1, MirrorAction, MirrorBuildV1
 from schemas.topology import BUILD_SYNCED
 from services.common.bus import Publish
 from services.common.rpm import os_release_of
+from services.common.runner import run
 from services.common.settings import MirrorSettings
 from services.common.store import Nevra, Package, Store
 from services.mirror.importer import import_rpm
@@ -77,6 +79,7 @@ class Fetcher:
         publish: Publish,
         http: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        gpg_keys: Sequence[Path] = (),
     ) -> None:
         self._store = store
         self._repo = repo
@@ -85,6 +88,8 @@ class Fetcher:
         self._publish = publish
         self._http = http or requests.Session()
         self._sleep = sleep
+        self._gpg_keys = tuple(gpg_keys)
+        self._keyring: Path | None = None
 
     # -- the command ------------------------------------------------------------
 
@@ -261,7 +266,39 @@ class Fetcher:
             raise
         checked = folder / rpm.filename
         part.replace(checked)
+        if self._gpg_keys:
+            try:
+                self._check_signature(checked, url)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
         return checked
+
+    def _keyring_db(self) -> str:
+        # A private RPM database holding only the configured keys, never the host's;
+        # in the incoming folder, which the worker empties at start.
+        if self._keyring is None:
+            incoming = self._repo / INCOMING
+            incoming.mkdir(parents=True, exist_ok=True)
+            keyring = Path(tempfile.mkdtemp(prefix="keyring-", dir=incoming))
+            for key in self._gpg_keys:
+                run(["rpmkeys", "--dbpath", str(keyring), "--import", str(key)], timeout=60)
+            self._keyring = keyring
+        return str(self._keyring)
+
+    def _check_signature(self, path: Path, url: str) -> None:
+        """``rpmkeys --checksig`` against the configured keys only (a private keyring)."""
+        result = run(
+            ["rpmkeys", "--dbpath", self._keyring_db(), "--checksig", str(path)],
+            timeout=120,
+            check=False,
+        )
+        # An unsigned package passes --checksig with "digests OK": require a signature.
+        if result.returncode != 0 or "signatures OK" not in result.stdout:
+            raise BadDownload(
+                f"{url} is not signed with a configured key: "
+                f"{(result.stdout + result.stderr).strip()}"
+            )
 
     # -- removal ----------------------------------------------------------------
 

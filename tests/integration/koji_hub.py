@@ -154,8 +154,14 @@ class KojiStandIn:
         types: dict[str, Any] | None = None,
         sigkeys: tuple[str, ...] = (),
         tags: tuple[str, ...] = (),
+        signed: dict[str, list[Path]] | None = None,
     ) -> Build:
-        """A build of the given RPM files (all from one source RPM), served in Koji's layout."""
+        """A build of the given RPM files (all from one source RPM), served in Koji's layout.
+
+        ``sigkeys`` serve the unsigned files as signed copies; ``signed`` maps a key to
+        really signed copies of (some of) the files.
+        """
+        signed = signed or {}
         if rpms:
             name, version, release = rpm_query(
                 rpms[0], "%{SOURCERPM}\\n%{VERSION}\\n%{RELEASE}"
@@ -176,10 +182,18 @@ class KojiStandIn:
             target = build_dir / arch / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
+            keys = list(sigkeys)
             for key in sigkeys:
-                signed = build_dir / "data" / "signed" / key / arch / path.name
-                signed.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, signed)
+                copy = build_dir / "data" / "signed" / key / arch / path.name
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
+            for key, files in signed.items():
+                for signed_file in files:
+                    if signed_file.name == path.name:
+                        copy = build_dir / "data" / "signed" / key / arch / path.name
+                        copy.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(signed_file, copy)
+                        keys.append(key)
             self._next_rpm_id += 1
             build.rpms.append(
                 {
@@ -197,7 +211,7 @@ class KojiStandIn:
                     "external_repo_name": "INTERNAL",
                     "metadata_only": False,
                     "extra": None,
-                    "sigkeys": list(sigkeys),
+                    "sigkeys": keys,
                 }
             )
         with self._lock:

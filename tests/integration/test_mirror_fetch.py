@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class Events:
 
 
 def make_fetcher(
-    home: Path, koji: KojiStandIn, **settings: object
+    home: Path, koji: KojiStandIn, gpg_keys: tuple[Path, ...] = (), **settings: object
 ) -> tuple[Fetcher, Store, Events, Path]:
     store = Store.from_url(f"sqlite:///{home}/retrace.sqlite3")
     store.migrate()
@@ -67,6 +68,7 @@ def make_fetcher(
         KojiHub(koji.hub_url, koji.top_url, timeout=10),
         events,
         sleep=lambda _s: None,
+        gpg_keys=gpg_keys,
     )
     return fetcher, store, events, repo
 
@@ -322,3 +324,61 @@ def test_a_configured_koji_tag_names_the_release(tmp_path: Path, koji: KojiStand
     done = plain.handle(MirrorBuildV1(build=110))
     assert done.action == "skipped"
     assert "no dist tag" in (done.reason or "")
+
+
+def test_signatures_are_checked_against_the_configured_keys(
+    tmp_path: Path, koji: KojiStandIn
+) -> None:
+    gnupg = tmp_path / "gnupg"
+    gnupg.mkdir(mode=0o700)
+    env = {**os.environ, "GNUPGHOME": str(gnupg)}
+    uid = "Retrace Test <retrace-test@example.org>"
+    run(
+        ["gpg", "--batch", "--passphrase", "", "--quick-gen-key", uid, "rsa2048", "sign", "never"],
+        env=env,
+        timeout=120,
+    )
+    public = tmp_path / "key.asc"
+    public.write_text(run(["gpg", "--armor", "--export", uid], env=env, timeout=60).stdout)
+    fingerprint = run(["gpg", "--with-colons", "--list-keys", uid], env=env, timeout=60).stdout
+    keyid = next(x for x in fingerprint.splitlines() if x.startswith("pub")).split(":")[4]
+    sigkey = keyid[-8:].lower()
+    rpms = build_rpms(tmp_path / "build", "signedreally", 2)
+    signed_dir = tmp_path / "signed"
+    signed_dir.mkdir()
+    signed = []
+    for rpm in rpms:
+        copy = signed_dir / rpm.name
+        copy.write_bytes(rpm.read_bytes())
+        run(
+            [
+                "rpmsign",
+                "--define",
+                f"_gpg_name {uid}",
+                "--define",
+                f"_gpg_path {gnupg}",
+                "--define",
+                "__gpg /usr/bin/gpg",
+                "--addsign",
+                str(copy),
+            ],
+            env=env,
+            timeout=120,
+        )
+        signed.append(copy)
+    koji.add_build(111, rpms, signed={sigkey: signed[:1]})
+
+    # Only the first RPM has a signed copy: the build cannot be mirrored yet.
+    strict, _store, _events, repo = make_fetcher(
+        tmp_path / "strict", koji, gpg_keys=(public,), sigkeys=(sigkey,)
+    )
+    with pytest.raises(BadDownload, match="not signed with a configured key"):
+        strict.handle(MirrorBuildV1(build=111))
+    assert not list(repo.rglob("signedreally-part1*.rpm"))
+
+    # Once Koji has signed every RPM, the signed copies are mirrored, checked by payload hash
+    # (a signed copy's size is not the one Koji records) and by signature.
+    koji.add_build(111, rpms, signed={sigkey: signed})
+    strict.handle(MirrorBuildV1(build=111))
+    for copy in signed:
+        assert (repo / "fedora-40/noarch/Packages" / copy.name).read_bytes() == copy.read_bytes()
