@@ -31,14 +31,7 @@ from services.common.runner import run
 from services.common.settings import MirrorSettings
 from services.common.store import Nevra, Package, Store
 from services.mirror.importer import import_rpm
-from services.mirror.koji import (
-    BuildState,
-    KojiBuildInfo,
-    KojiError,
-    KojiHub,
-    KojiRpm,
-    KojiUnavailable,
-)
+from services.mirror.koji import BuildState, KojiBuildInfo, KojiHub, KojiRpm, KojiUnavailable
 from services.mirror.repo import link, relative_path, update_metadata
 from services.mirror.verify import NotAnRpm, PayloadDigest
 
@@ -335,13 +328,3 @@ class Fetcher:
         self._publish(BUILD_SYNCED, event, None)
         log.info("removed build %s (%d): %d RPMs", build.nvr, build.id, len(removed))
         return Synced(build, "removed", None, event)
-
-
-__all__ = [
-    "BadDownload",
-    "Fetcher",
-    "KojiError",
-    "KojiUnavailable",
-    "Synced",
-    "UnknownBuild",
-]

@@ -23,7 +23,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 from schemas.messages import MirrorBuildV1
 from schemas.topology import EXCHANGE, MIRROR_BUILD, MIRROR_WAIT_QUEUE
 from services.common.bus import Consumer, Delivery, PublishError, Reject, connect, properties_for
-from services.mirror.fetcher import BadDownload, Fetcher, KojiError, KojiUnavailable, UnknownBuild
+from services.mirror.fetcher import BadDownload, Fetcher, UnknownBuild
+from services.mirror.koji import KojiError, KojiUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +117,28 @@ class MirrorHandler:
         attempt = int(delivery.headers.get(ATTEMPT_HEADER, 0)) + 1
         try:
             self._fetcher.handle(command)
-        except (KojiUnavailable, BadDownload) as exc:
-            seconds = self._waits.later(command, attempt)
-            log.warning(
-                "build %s, attempt %d failed, retrying in %d s: %s",
-                command.build,
-                attempt,
-                seconds,
-                exc,
-            )
         except (UnknownBuild, KojiError) as exc:
             raise Reject(str(exc)) from exc
+        except ValueError as exc:
+            # The index already holds a different file under this NEVRA and release
+            # (an import of a local rebuild): no retry can settle that, a person must.
+            raise Reject(f"build {command.build}: {exc}") from exc
+        except (KojiUnavailable, BadDownload) as exc:
+            self._later(command, attempt, exc)
+        except Exception as exc:
+            log.exception("build %s, attempt %d failed unexpectedly", command.build, attempt)
+            self._later(command, attempt, exc)
+
+    def _later(self, command: MirrorBuildV1, attempt: int, error: Exception) -> None:
+        # Parked on the broker, not requeued: a requeued failure would come straight back.
+        seconds = self._waits.later(command, attempt)
+        log.warning(
+            "build %s, attempt %d failed, retrying in %d s: %s",
+            command.build,
+            attempt,
+            seconds,
+            error,
+        )
 
 
 def clean_incoming(repo: Path) -> None:
