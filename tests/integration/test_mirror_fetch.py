@@ -19,6 +19,7 @@ from services.mirror.koji import KojiHub, KojiUnavailable
 from services.mirror.retention import prune
 from tests.fixtures.build import Fixtures
 from tests.integration.koji_hub import KojiStandIn, build_rpms
+from tests.integration.stack import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -382,3 +383,30 @@ def test_signatures_are_checked_against_the_configured_keys(
     strict.handle(MirrorBuildV1(build=111))
     for copy in signed:
         assert (repo / "fedora-40/noarch/Packages" / copy.name).read_bytes() == copy.read_bytes()
+
+
+def test_an_unreachable_koji_is_a_retryable_failure(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    hub = KojiHub(f"http://127.0.0.1:{port}/kojihub", f"http://127.0.0.1:{port}/kojifiles")
+    with pytest.raises(KojiUnavailable, match="unreachable"):
+        hub.build(CRASHER)
+
+
+def test_the_stand_in_speaks_koji_to_the_real_client(koji: KojiStandIn) -> None:
+    import koji as koji_lib
+
+    session = koji_lib.ClientSession(koji.hub_url, {"anon_retry": False, "max_retries": 0})
+    # Keyword arguments travel as koji encodes them (__starstar) and come back decoded.
+    assert [r["arch"] for r in session.listRPMs(buildID=CRASHER, arches="x86_64")] == ["x86_64"] * 3
+    with pytest.raises(koji_lib.GenericError, match="No such build"):
+        session.getBuild(999999, strict=True)
+    with pytest.raises(koji_lib.GenericError, match="Invalid method"):
+        session.noSuchMethod()
+    with pytest.raises(koji_lib.ParameterError):
+        session.getBuild()
+    with session.multicall() as m:
+        found = m.getBuild(CRASHER)
+        missing = m.getBuild(999999, strict=True)
+    assert found.result["nvr"] == "crasher-1.0-1.fc40"
+    with pytest.raises(koji_lib.GenericError, match="No such build"):
+        _ = missing.result
