@@ -151,9 +151,13 @@ class Fetcher:
             touched |= self._link_noarch(package, release) if rpm.arch == "noarch" else set()
             touched.add(rpm.arch)
         touched.discard("noarch")
+        known = self._store.get_build(build.id)
+        # An earlier attempt may have placed files and failed before the metadata: only a
+        # build already recorded as mirrored, with nothing new, can skip createrepo_c.
+        settled = new_files == 0 and known is not None and known.state == "mirrored"
         for arch in sorted(touched):
             folder = self._repo / release / arch
-            if new_files or not (folder / "repodata" / "repomd.xml").exists():
+            if not settled or not (folder / "repodata" / "repomd.xml").exists():
                 update_metadata(folder, self._settings.createrepo_workers)
         self._store.record_build(
             build.id,
