@@ -65,6 +65,45 @@ class TaskFinishedV1(Message):
     finished_at: datetime = Field(default_factory=_now)
 
 
+Nvr = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9._+~^-]+-[^-/]+-[^-/]+$", max_length=512)
+]
+OsRelease = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]{1,64}$")]
+
+
+class MirrorAction(StrEnum):
+    """What a mirror command asks for."""
+
+    MIRROR = "mirror"
+    REMOVE = "remove"
+
+
+class MirrorBuildV1(Message):
+    """Command: mirror (or remove) the Koji build ``build``, a build id or an NVR.
+
+    ``requested_by`` says who asked (the Koji listener, the catch-up, an analyzer,
+    the command line) and is only logged.
+    """
+
+    build: int | Nvr
+    action: MirrorAction = MirrorAction.MIRROR
+    requested_by: str = "cli"
+    requested_at: datetime = Field(default_factory=_now)
+
+
+class BuildSyncedV1(Message):
+    """Event: the mirror holds (or, for ``remove``, no longer holds) a Koji build."""
+
+    build_id: int
+    nvr: Nvr
+    os_release: OsRelease
+    action: MirrorAction = MirrorAction.MIRROR
+    packages: tuple[str, ...] = ()
+    """NEVRAs of the build's RPMs the mirror placed or removed."""
+    new_files: int = 0
+    synced_at: datetime = Field(default_factory=_now)
+
+
 M = TypeVar("M", bound=Message)
 
 

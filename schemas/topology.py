@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.messages import AnalyzeTaskV1, Message, TaskFinishedV1
+from schemas.messages import AnalyzeTaskV1, BuildSyncedV1, Message, MirrorBuildV1, TaskFinishedV1
 
 EXCHANGE = "retrace"
 """The topic exchange every command and event of ours is published to."""
@@ -53,4 +53,25 @@ TASK_FINISHED = Route(
     command=False,
 )
 
-ROUTES: tuple[Route, ...] = (ANALYZE, TASK_FINISHED)
+MIRROR_BUILD = Route(
+    model=MirrorBuildV1,
+    topic="retrace.mirror.build.v1",
+    queue="retrace.mirror.build",
+    command=True,
+)
+BUILD_SYNCED = Route(
+    model=BuildSyncedV1,
+    topic="retrace.mirror.build.synced.v1",
+    queue=None,
+    command=False,
+)
+
+ROUTES: tuple[Route, ...] = (ANALYZE, TASK_FINISHED, MIRROR_BUILD, BUILD_SYNCED)
+
+MIRROR_WAIT_QUEUE = "retrace.mirror.build.wait.{seconds}s"
+"""Where a mirror command waits out a Koji outage for ``seconds`` (``mirror.retry_delays``).
+
+Each such queue holds its messages for its time, then dead-letters them back to
+:data:`EXCHANGE` under :data:`MIRROR_BUILD`'s topic: a retry with backoff that
+survives a restart of the worker and never hot-loops.
+"""

@@ -72,7 +72,33 @@ class AnalyzerSettings(_Section):
 
 
 class MirrorSettings(_Section):
-    """The repository of every package version."""
+    """The repository of every package version, fed by Koji."""
+
+    koji_hub: str = "https://koji.fedoraproject.org/kojihub"
+    koji_topurl: str = "https://kojipkgs.fedoraproject.org"
+    koji_timeout: int = Field(default=60, ge=1)
+    # The broker that carries Koji's messages (Fedora's in production).
+    koji_broker_url: str = "amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub"
+    koji_broker_ca_cert: Path | None = None
+    koji_broker_certfile: Path | None = None
+    koji_broker_keyfile: Path | None = None
+    koji_exchange: str = "amq.topic"
+    koji_topic_prefix: str = "org.fedoraproject.prod"
+    koji_queue: str = "retrace-mirror-koji"
+    koji_queue_durable: bool = True
+    packages: tuple[str, ...] = ()
+    releases: tuple[str, ...] = ()
+    arches: tuple[str, ...] = ("x86_64",)
+    tag_releases: dict[str, str] = {}
+    sigkeys: tuple[str, ...] = ()
+    gpg_keys: tuple[Path, ...] = ()
+    catch_up_interval: int = Field(default=600, ge=1)
+    retry_delays: tuple[int, ...] = (15, 60, 300, 1800)
+    download_attempts: int = Field(default=3, ge=1)
+    delete_on_deleted: bool = False
+    eol_releases: tuple[str, ...] = ()
+    max_size_gib: float = Field(default=0, ge=0)
+    createrepo_workers: int = Field(default=2, ge=1)
 
 
 class Settings(_Section):
@@ -116,6 +142,7 @@ class Settings(_Section):
         data = self.model_dump(mode="json")
         data["store"]["url"] = mask_url(self.store.url)
         data["broker"]["url"] = mask_url(self.broker.url)
+        data["mirror"]["koji_broker_url"] = mask_url(self.mirror.koji_broker_url)
         return data
 
 

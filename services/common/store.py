@@ -72,6 +72,39 @@ build_ids = sa.Table(
     sa.PrimaryKeyConstraint("build_id", "package_id", "path"),
 )
 
+# The mirror's own tables (migration 0100): which Koji build brought which packages,
+# and how far the catch-up with Koji has come.
+koji_builds = sa.Table(
+    "koji_builds",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("nvr", sa.Text, nullable=False),
+    sa.Column("os_release", sa.String(64)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+koji_build_packages = sa.Table(
+    "koji_build_packages",
+    metadata,
+    sa.Column(
+        "build_id", sa.Integer, sa.ForeignKey("koji_builds.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column(
+        "package_id", sa.Integer, sa.ForeignKey("packages.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.PrimaryKeyConstraint("build_id", "package_id"),
+)
+
+mirror_cursors = sa.Table(
+    "mirror_cursors",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.DateTime(timezone=True), nullable=False),
+)
+
 
 class TaskStatus(StrEnum):
     """A task's life: submitting → queued → running → success | failure."""
@@ -152,6 +185,19 @@ class BuildIdHit:
     kind: BuildIdKind
     path: str
     package: Package
+
+
+@dataclass(frozen=True)
+class KojiBuild:
+    """One row of ``koji_builds``: what the mirror did with a Koji build."""
+
+    id: int
+    nvr: str
+    os_release: str | None
+    state: str
+    reason: str | None
+    completed_at: datetime | None
+    synced_at: datetime
 
 
 def _utcnow() -> datetime:
@@ -391,6 +437,118 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(packages.c.id.desc())).mappings().all()
         return [_package(row) for row in rows]
+
+    def find_package(self, nevra: Nevra, os_release: str) -> Package | None:
+        """The mirrored package ``nevra`` for ``os_release``, if any."""
+        query = packages.select().where(
+            packages.c.os_release == os_release,
+            packages.c.name == nevra.name,
+            packages.c.epoch == nevra.epoch,
+            packages.c.version == nevra.version,
+            packages.c.release == nevra.release,
+            packages.c.arch == nevra.arch,
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _package(row)
+
+    def remove_package(self, package_id: int) -> None:
+        """Forget a package with its build-id entries (its file is the caller's)."""
+        with self._tx() as conn:
+            conn.execute(build_ids.delete().where(build_ids.c.package_id == package_id))
+            conn.execute(
+                koji_build_packages.delete().where(koji_build_packages.c.package_id == package_id)
+            )
+            conn.execute(packages.delete().where(packages.c.id == package_id))
+
+    def all_packages(self, os_release: str | None = None) -> list[Package]:
+        """Every mirrored package (of ``os_release``), oldest import first."""
+        query = packages.select().order_by(packages.c.id)
+        if os_release is not None:
+            query = query.where(packages.c.os_release == os_release)
+        with self.engine.connect() as conn:
+            return [_package(row) for row in conn.execute(query).mappings().all()]
+
+    # -- Koji builds (the mirror) ---------------------------------------------
+
+    def record_build(
+        self,
+        build_id: int,
+        nvr: str,
+        os_release: str | None,
+        state: str,
+        reason: str | None = None,
+        completed_at: datetime | None = None,
+        package_ids: Iterable[int] = (),
+    ) -> None:
+        """Record what the mirror did with Koji build ``build_id``; safe to repeat."""
+        values = {
+            "nvr": nvr,
+            "os_release": os_release,
+            "state": state,
+            "reason": reason,
+            "completed_at": completed_at,
+            "synced_at": _utcnow(),
+        }
+        with self._tx() as conn:
+            done = conn.execute(
+                koji_builds.update().where(koji_builds.c.id == build_id).values(**values)
+            )
+            if done.rowcount == 0:
+                conn.execute(koji_builds.insert().values(id=build_id, **values))
+            have = set(
+                conn.execute(
+                    sa.select(koji_build_packages.c.package_id).where(
+                        koji_build_packages.c.build_id == build_id
+                    )
+                ).scalars()
+            )
+            new = sorted(set(package_ids) - have)
+            if new:
+                conn.execute(
+                    koji_build_packages.insert(),
+                    [{"build_id": build_id, "package_id": p} for p in new],
+                )
+
+    def get_build(self, build_id: int) -> KojiBuild | None:
+        """What the mirror did with Koji build ``build_id``, if it ever saw it."""
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(koji_builds.select().where(koji_builds.c.id == build_id))
+                .mappings()
+                .first()
+            )
+        return None if row is None else KojiBuild(**row)
+
+    def build_packages(self, build_id: int) -> list[Package]:
+        """The mirrored packages that Koji build ``build_id`` brought."""
+        query = (
+            packages.select()
+            .join(koji_build_packages, koji_build_packages.c.package_id == packages.c.id)
+            .where(koji_build_packages.c.build_id == build_id)
+            .order_by(packages.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_package(row) for row in conn.execute(query).mappings().all()]
+
+    def get_cursor(self, name: str) -> datetime | None:
+        """The saved position ``name`` (e.g. the last Koji completion time seen)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(mirror_cursors.c.value).where(mirror_cursors.c.name == name)
+            ).scalar()
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)  # SQLite forgets the zone; we store UTC
+        return value
+
+    def set_cursor(self, name: str, value: datetime) -> None:
+        """Save the position ``name``."""
+        with self._tx() as conn:
+            done = conn.execute(
+                mirror_cursors.update().where(mirror_cursors.c.name == name).values(value=value)
+            )
+            if done.rowcount == 0:
+                conn.execute(mirror_cursors.insert().values(name=name, value=value))
 
 
 def _package(row: Any) -> Package:

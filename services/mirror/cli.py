@@ -3,25 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
+from schemas.messages import MirrorAction, MirrorBuildV1
+from schemas.topology import MIRROR_BUILD
+from services.common.bus import Publisher, PublishError
 from services.common.logs import setup_logging
 from services.common.rpm import RpmError
 from services.common.runner import CommandError
-from services.common.settings import ConfigError, load_settings, log_settings
+from services.common.settings import ConfigError, Settings, load_settings, log_settings
 from services.common.store import SchemaMismatch, Store
+from services.mirror.fetcher import Fetcher
+from services.mirror.http import serve
 from services.mirror.importer import import_rpm
+from services.mirror.koji import KojiError, KojiHub, KojiUnavailable
+from services.mirror.listener import listen
+from services.mirror.repo import update_metadata
+from services.mirror.retention import prune
+from services.mirror.worker import MirrorHandler, WaitQueues, clean_incoming, run_worker
+
+log = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``retrace-mirror`` command."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrace-mirror", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="add local RPM files to the repository and index")
     imp.add_argument("files", nargs="+", type=Path, metavar="FILE.rpm")
     imp.add_argument("--release", help="OS release (e.g. fedora-40) when no dist tag tells it")
-    args = parser.parse_args(argv)
+    sub.add_parser("worker", help="consume mirror commands: download, check, place, index")
+    sub.add_parser("listen", help="turn Koji's build messages into mirror commands")
+    sync = sub.add_parser("sync", help="ask the worker to mirror builds now (a backfill)")
+    which = sync.add_mutually_exclusive_group(required=True)
+    which.add_argument("--build", help="a Koji build id or NVR")
+    which.add_argument(
+        "--since", type=datetime.fromisoformat, help="builds completed after DATE (ISO 8601)"
+    )
+    which.add_argument("--tag", help="every build in a Koji tag")
+    sync.add_argument(
+        "--remove", action="store_true", help="remove the build instead (with --build)"
+    )
+    sub.add_parser("prune", help="apply the retention settings (EOL releases, size cap)")
+    serve = sub.add_parser("serve", help="serve the repository over HTTP (dnf, /metrics)")
+    serve.add_argument("--bind", default="127.0.0.1:8081", help="HOST:PORT to listen on")
+    serve.add_argument("--workers", type=int, default=2)
+    return parser
+
+
+def koji_for(settings: Settings) -> KojiHub:
+    """The Koji hub our settings name."""
+    mirror = settings.mirror
+    return KojiHub(mirror.koji_hub, mirror.koji_topurl, mirror.koji_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return per command
+    """Entry point of the ``retrace-mirror`` command."""
+    args = _parser().parse_args(argv)
     setup_logging()
     try:
         settings = load_settings()
@@ -31,10 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SchemaMismatch) as exc:
         print(f"retrace-mirror: {exc}", file=sys.stderr)
         return 2
+    if args.command == "import":
+        return _import(store, settings, args.files, args.release)
+    if args.command == "worker":
+        return _worker(store, settings)
+    if args.command == "listen":
+        listen(settings, store, koji_for(settings))
+        return 0
+    if args.command == "sync":
+        return _sync(settings, args)
+    if args.command == "prune":
+        return _prune(store, settings)
+    return serve(settings, store, args.bind, args.workers)
+
+
+def _import(store: Store, settings: Settings, files: list[Path], release: str | None) -> int:
     failed = 0
-    for path in args.files:
+    touched: set[Path] = set()
+    for path in files:
         try:
-            done = import_rpm(store, settings.repo, path, args.release)
+            done = import_rpm(store, settings.repo, path, release)
         except (RpmError, CommandError, ValueError, OSError) as exc:
             print(f"retrace-mirror: {path}: {exc}", file=sys.stderr)
             failed += 1
@@ -43,4 +99,76 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{state}: {done.package.nevra} ({done.package.os_release}, {done.build_ids} build-ids)"
         )
+        touched.add((settings.repo / done.package.path).parent.parent)
+    try:
+        # dnf and debuginfod see the new files only through the metadata.
+        for folder in sorted(touched):
+            update_metadata(folder, settings.mirror.createrepo_workers)
+    except CommandError as exc:
+        print(f"retrace-mirror: updating the repository metadata failed: {exc}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
+
+
+def _worker(store: Store, settings: Settings) -> int:
+    publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    clean_incoming(settings.repo)
+    fetcher = Fetcher(
+        store,
+        settings.repo,
+        settings.mirror,
+        koji_for(settings),
+        publish=publisher.publish,
+        gpg_keys=[settings.resolve(k) for k in settings.mirror.gpg_keys],
+    )
+    waits = WaitQueues(settings.broker.url, settings.mirror.retry_delays)
+    try:
+        run_worker(
+            settings.broker.url,
+            settings.broker.heartbeat,
+            settings.analyzer.arches[:1],
+            settings.mirror.retry_delays,
+            MirrorHandler(fetcher, waits),
+        )
+    finally:
+        waits.close()
+        publisher.close()
+    return 0
+
+
+def _prune(store: Store, settings: Settings) -> int:
+    done = prune(store, settings.repo, settings.mirror)
+    print(f"pruned {done.packages} packages ({done.bytes} bytes)")
+    return 0
+
+
+def _sync(settings: Settings, args: argparse.Namespace) -> int:
+    commands: list[MirrorBuildV1] = []
+    action = MirrorAction.REMOVE if args.remove else MirrorAction.MIRROR
+    try:
+        if args.build is not None:
+            ref: int | str = int(args.build) if args.build.isdigit() else args.build
+            commands.append(MirrorBuildV1(build=ref, action=action, requested_by="cli"))
+        else:
+            koji = koji_for(settings)
+            if args.since is not None:
+                since = args.since if args.since.tzinfo else args.since.replace(tzinfo=UTC)
+                builds = koji.completed_since(since)
+            else:
+                builds = koji.tagged(args.tag)
+            commands = [MirrorBuildV1(build=b.id, requested_by="cli") for b in builds]
+    except (KojiUnavailable, KojiError) as exc:
+        print(f"retrace-mirror: {exc}", file=sys.stderr)
+        return 1
+    publisher = Publisher(settings.broker.url)
+    try:
+        for command in commands:
+            publisher.publish(MIRROR_BUILD, command)
+            print(f"queued: {command.action} build {command.build}")
+    except PublishError as exc:
+        print(f"retrace-mirror: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        publisher.close()
+    print(f"{len(commands)} builds queued for the mirror worker")
+    return 0

@@ -6,11 +6,14 @@ reader never sees a partial package and an interrupted import leaves nothing.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from services.common.runner import run
 
 CHUNK = 1 << 20
 
@@ -42,3 +45,41 @@ def place(source: Path, repo: Path, relative: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return final
+
+
+def link(repo: Path, relative_source: str, relative_link: str) -> Path:
+    """Hard-link ``relative_source`` at ``relative_link`` (atomically; replacing nothing else).
+
+    A noarch package is stored once and linked into each architecture's folder: a
+    hard link, because createrepo_c, dnf and debuginfod all treat it as a plain file.
+    """
+    source = repo / relative_source
+    final = repo / relative_link
+    if final.exists() and final.samefile(source):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".incoming-link-{os.getpid()}-{final.name}"
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    tmp.replace(final)
+    return final
+
+
+def update_metadata(folder: Path, workers: int = 2, timeout: float = 1800) -> None:
+    """Bring ``folder/repodata`` up to date with the RPMs under ``folder`` (createrepo_c).
+
+    Incremental (``--update``): unchanged packages are taken from the old metadata.
+    Serialised per folder by a lock file, since two createrepo_c runs on one folder
+    collide on its temporary ``.repodata``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / ".createrepo.lock"
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            argv = ["createrepo_c", "--quiet", "--workers", str(workers), "--excludes", ".*"]
+            if (folder / "repodata" / "repomd.xml").exists():
+                argv.append("--update")
+            run([*argv, str(folder)], timeout=timeout)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -35,6 +35,7 @@ class Stack:
     """Settings as RETRACE_<SECTION>__<KEY> environment overrides."""
     port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    extra_settings: str = ""  # more TOML sections, e.g. a [mirror] pointing at a Koji stand-in
 
     @property
     def env(self) -> dict[str, str]:
@@ -48,6 +49,7 @@ class Stack:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "retrace.toml").write_text(
             f'[broker]\nurl = "{self.broker_url}"\nheartbeat = 10\n[analyzer]\ngdb_timeout = 300\n'
+            + self.extra_settings
         )
 
     def command(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -61,8 +63,8 @@ class Stack:
             check=False,
         )
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.home / f"{name}.log").open("wb")
+    def start(self, name: str, *args: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
+        log = (self.home / f"{log_name or name}.log").open("wb")
         proc = subprocess.Popen(
             [str(BIN / name), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )

@@ -24,14 +24,18 @@ STAND_INS = Path(__file__).parent.parent / "fixtures" / "coredumpctl"
 def client(
     stack: Stack, tmp_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLIENT, "--state", str(tmp_path / "tasks.json"), *args],
-        env={**os.environ, "RETRACE_SERVER_URI": stack.base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    try:
+        return subprocess.run(
+            [CLIENT, "--state", str(tmp_path / "tasks.json"), *args],
+            env={**os.environ, "RETRACE_SERVER_URI": stack.base, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        raise AssertionError(f"retrace-client hung; it said:\n{said}\n{stack.logs()}") from exc
 
 
 def problem_dir(fixtures: Fixtures, tmp_path: Path) -> Path:

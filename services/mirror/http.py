@@ -1,0 +1,168 @@
+"""The mirror's HTTP face: the repository tree for dnf, heartbeats and ``/metrics``.
+
+``GET /<os_release>/<arch>/repodata/repomd.xml`` and ``.../Packages/<file>.rpm``
+make each release and architecture a dnf repository
+(``dnf --repofrompath=m,http://host/fedora-40/x86_64``).  The debuginfod API is
+not ours: elfutils' ``debuginfod`` serves it over the same tree (deploy/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import falcon
+import sqlalchemy as sa
+
+from services.common.logs import setup_logging
+from services.common.settings import Settings, load_settings, log_settings
+from services.common.store import Store, koji_builds, packages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric the mirror exports."""
+
+    name: str
+    kind: str
+    help: str
+
+
+METRICS = {
+    m.name: m
+    for m in (
+        Metric("retrace_mirror_packages", "gauge", "RPM files in the mirror's index"),
+        Metric("retrace_mirror_package_bytes", "gauge", "Total size of the mirrored RPM files"),
+        Metric("retrace_mirror_builds", "gauge", "Koji builds the mirror has seen, by state"),
+        Metric(
+            "retrace_mirror_last_sync_timestamp_seconds",
+            "gauge",
+            "When the mirror last finished a Koji build (Unix time)",
+        ),
+    )
+}
+"""Every metric name, declared once; :func:`render_metrics` refuses any other."""
+
+
+def render_metrics(samples: list[tuple[str, dict[str, str], float]]) -> str:
+    """Prometheus' text format for ``(name, labels, value)`` samples of declared metrics."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for name, labels, value in samples:
+        metric = METRICS[name]  # an undeclared name is a bug: KeyError
+        if name not in seen:
+            seen.add(name)
+            lines += [f"# HELP {name} {metric.help}", f"# TYPE {name} {metric.kind}"]
+        label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsResource:
+    """``GET /metrics``."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        with self._store.engine.connect() as conn:
+            count, size = conn.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(packages.c.size), 0))
+            ).one()
+            states = conn.execute(
+                sa.select(koji_builds.c.state, sa.func.count()).group_by(koji_builds.c.state)
+            ).all()
+            last = conn.execute(sa.select(sa.func.max(koji_builds.c.synced_at))).scalar()
+        samples: list[tuple[str, dict[str, str], float]] = [
+            ("retrace_mirror_packages", {}, float(count)),
+            ("retrace_mirror_package_bytes", {}, float(size)),
+        ]
+        samples += [("retrace_mirror_builds", {"state": s}, float(n)) for s, n in states]
+        if last is not None:
+            samples.append(("retrace_mirror_last_sync_timestamp_seconds", {}, last.timestamp()))
+        resp.content_type = "text/plain; version=0.0.4"
+        resp.text = render_metrics(samples)
+
+
+class LbHeartbeat:
+    """``GET /__lbheartbeat__``: the process is up."""
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+class Heartbeat:
+    """``GET /__heartbeat__``: the store and the repository answer (503 if one does not)."""
+
+    def __init__(self, store: Store, repo: Path) -> None:
+        self._store = store
+        self._repo = repo
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        checks: dict[str, str] = {}
+        try:
+            self._store.check_revision()
+            checks["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001 -- any failure is the answer
+            checks["store"] = f"failing: {exc}"
+        checks["repo"] = "ok" if os.access(self._repo, os.R_OK | os.X_OK) else "unreadable"
+        healthy = all(v == "ok" for v in checks.values())
+        resp.status = falcon.HTTP_200 if healthy else falcon.HTTP_503
+        if not healthy:
+            resp.set_header("Retry-After", "30")
+        resp.media = {"status": "ok" if healthy else "failing", "checks": checks}
+
+
+class Version:
+    """``GET /__version__``."""
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"name": "retrace-server", "version": metadata.version("retrace-server")}
+
+
+def create_app(store: Store, repo: Path) -> falcon.App[falcon.Request, falcon.Response]:
+    """The mirror's WSGI application over the repository at ``repo``."""
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App()
+    app.add_route("/metrics", MetricsResource(store))
+    app.add_route("/__lbheartbeat__", LbHeartbeat())
+    app.add_route("/__heartbeat__", Heartbeat(store, repo))
+    app.add_route("/__version__", Version())
+    repo.mkdir(parents=True, exist_ok=True)
+    app.add_static_route("/", str(repo.resolve()))
+    return app
+
+
+def build_app() -> falcon.App[falcon.Request, falcon.Response]:
+    """Read and check the settings and build the application (gunicorn's entry point)."""
+    setup_logging()
+    settings = load_settings()
+    log_settings(settings, "retrace-mirror serve")
+    store = Store.from_url(settings.store_url)
+    store.check_revision()
+    return create_app(store, settings.repo)
+
+
+def serve(settings: Settings, store: Store, bind: str, workers: int) -> int:
+    """Run the HTTP face under gunicorn (replaces this process)."""
+    del settings, store  # checked by the caller; each gunicorn worker builds its own
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--access-logfile",
+        "-",
+        "services.mirror.wsgi:application",
+    ]
+    log.info("serving the mirror on %s", json.dumps(bind))
+    return os.execv(sys.executable, argv)  # noqa: S606 -- no shell, by design
