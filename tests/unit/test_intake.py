@@ -1,4 +1,4 @@
-"""The intake's HTTP API, with a real SQLite store and a recording publisher.
+"""The intake's HTTP API, with a real store (SQLite and PostgreSQL) and a recording publisher.
 
 The same paths run against the real broker in tests/integration/test_end_to_end.py.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import struct
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,14 +83,15 @@ class Intake:
 
 
 @pytest.fixture
-def intake(tmp_path: Path) -> Intake:
-    settings = load_settings({"RETRACE_HOME": str(tmp_path)})
+def intake(tmp_path: Path, store_url: str) -> Iterator[Intake]:
+    settings = load_settings({"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url})
     store = Store.from_url(settings.store_url)
     store.migrate()
     spool = Spool(settings.spool)
     publisher = RecordingPublisher()
     app = create_app(settings, store, spool, publisher)
-    return Intake(falcon.testing.TestClient(app), store, spool, publisher, settings)
+    yield Intake(falcon.testing.TestClient(app), store, spool, publisher, settings)
+    store.engine.dispose()
 
 
 def test_an_upload_is_unpacked_recorded_and_queued(intake: Intake) -> None:
