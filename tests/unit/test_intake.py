@@ -6,9 +6,10 @@ The same paths run against the real broker in tests/integration/test_end_to_end.
 from __future__ import annotations
 
 import io
+import json
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from services.common.settings import Settings, load_settings
 from services.common.spool import Spool
 from services.common.store import Store, TaskStatus, tasks
 from services.intake.app import create_app
+from services.intake.create import disk_free
+from services.intake.upload import FreeSpace
 
 XZ = "application/x-xz-compressed-tar"
 
@@ -82,16 +85,34 @@ class Intake:
         )
 
 
+MakeIntake = Callable[..., Intake]
+
+
 @pytest.fixture
-def intake(tmp_path: Path, store_url: str) -> Iterator[Intake]:
-    settings = load_settings({"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url})
-    store = Store.from_url(settings.store_url)
-    store.migrate()
-    spool = Spool(settings.spool)
-    publisher = RecordingPublisher()
-    app = create_app(settings, store, spool, publisher)
-    yield Intake(falcon.testing.TestClient(app), store, spool, publisher, settings)
-    store.engine.dispose()
+def make_intake(tmp_path: Path, store_url: str) -> Iterator[MakeIntake]:
+    """Builds the intake on a fresh store; keyword arguments are ``[intake]`` settings."""
+    stores: list[Store] = []
+
+    def make(free_space: FreeSpace = disk_free, **intake: object) -> Intake:
+        env = {"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url}
+        env.update({f"RETRACE_INTAKE__{k.upper()}": json.dumps(v) for k, v in intake.items()})
+        settings = load_settings(env)
+        store = Store.from_url(settings.store_url)
+        store.migrate()
+        stores.append(store)
+        spool = Spool(settings.spool)
+        publisher = RecordingPublisher()
+        app = create_app(settings, store, spool, publisher, free_space=free_space)
+        return Intake(falcon.testing.TestClient(app), store, spool, publisher, settings)
+
+    yield make
+    for store in stores:
+        store.engine.dispose()
+
+
+@pytest.fixture
+def intake(make_intake: MakeIntake) -> Intake:
+    return make_intake()
 
 
 def test_an_upload_is_unpacked_recorded_and_queued(intake: Intake) -> None:
