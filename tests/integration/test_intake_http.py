@@ -1,0 +1,218 @@
+"""The intake under gunicorn, through real sockets: what a misbehaving client sees.
+
+The intake runs as ``retrace-intake serve`` on the real RabbitMQ (a private vhost),
+once on SQLite and once on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import http.client
+import lzma
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas.topology import ANALYZE
+from services.common.bus import connect
+from services.common.store import Store, tasks, uploads
+from tests.conftest import STORE_KINDS
+from tests.fixtures.build import Fixtures
+from tests.integration.stack import Stack, free_port
+from tests.unit.test_intake import elf_header
+from tests.unit.test_intake_upload import files, real_crash, tar_bytes
+
+pytestmark = pytest.mark.integration
+
+XZ = "application/x-xz-compressed-tar"
+
+
+class Intake(Stack):
+    """Only the intake, with settings of the test's choosing."""
+
+    store_url: str = ""
+    extra: str = ""
+
+    def write_settings(self) -> None:
+        super().write_settings()
+        with (self.home / "retrace.toml").open("a") as f:
+            f.write(f'[store]\nurl = "{self.store_url}"\n{self.extra}')
+
+    def up(self) -> None:
+        self.write_settings()
+        for admin in (("migrate",), ("topology",)):
+            done = self.command("retrace-admin", *admin)
+            assert done.returncode == 0, done.stderr
+        self.start("retrace-intake", "serve", "--bind", f"127.0.0.1:{self.port}", "--workers", "2")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(self.logs()) from None
+                time.sleep(0.2)
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "var/spool"
+
+
+def start_intake(home: Path, broker_url: str, store_url: str, extra: str = "") -> Intake:
+    intake = Intake(home, broker_url)
+    intake.store_url = store_url
+    intake.extra = extra
+    intake.up()
+    return intake
+
+
+@pytest.fixture(scope="module", params=STORE_KINDS)
+def intake(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_broker_url: Callable[[], str],
+) -> Iterator[Intake]:
+    home = tmp_path_factory.mktemp("intake")
+    if request.param == "sqlite":
+        store_url = f"sqlite:///{home}/retrace.sqlite3"
+    else:
+        store_url = request.getfixturevalue("make_postgresql_url")()
+    stack = start_intake(
+        home, make_broker_url(), store_url, "[intake]\nmax_unpacked_size_mib = 64\n"
+    )
+    yield stack
+    stack.down()
+
+
+def queued_messages(broker_url: str) -> int:
+    connection = connect(broker_url)
+    try:
+        declared = connection.channel().queue_declare(ANALYZE.queue_for("x86_64"), passive=True)
+        count = declared.method.message_count
+        assert count is not None
+        return count
+    finally:
+        connection.close()
+
+
+def settle(intake: Intake, store_url: str) -> None:
+    """Wait until the intake has finished with every upload, then check it left nothing."""
+    store = Store.from_url(store_url)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with store.engine.connect() as conn:
+                in_flight = conn.execute(uploads.select()).all()
+            if not in_flight:
+                break
+            assert time.monotonic() < deadline, (in_flight, intake.logs())
+            time.sleep(0.1)
+        with store.engine.connect() as conn:
+            assert conn.execute(tasks.select()).all() == []
+    finally:
+        store.engine.dispose()
+    assert list(intake.spool.iterdir()) == []
+    assert queued_messages(intake.broker_url) == 0
+
+
+def raw_request(port: int, head: bytes, body: bytes, close_early: bool = False) -> bytes:
+    """Send ``head`` and ``body`` on a plain socket; return all the server answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + body)
+        if close_early:
+            return b""
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_bomb_is_stopped_and_the_client_reads_the_413_not_a_reset(intake: Intake) -> None:
+    core = elf_header() + os.urandom(8 << 20) + bytes(200 << 20)
+    body = lzma.compress(tar_bytes([("coredump", core)]), preset=0)
+    status, _, text = intake.request("POST", "/create", body, {"Content-Type": XZ})
+    assert status == 413, (text, intake.logs())
+    assert b"more than 64 MiB" in text
+    settle(intake, intake.store_url)
+
+
+def test_a_client_that_disconnects_halfway_leaves_nothing_behind(
+    intake: Intake, crash_fixtures: Fixtures
+) -> None:
+    body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=0)
+    head = (
+        f"POST /create HTTP/1.1\r\nHost: x\r\nContent-Type: {XZ}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    raw_request(intake.port, head, body[: len(body) // 2], close_early=True)
+    settle(intake, intake.store_url)
+
+
+def test_a_plain_tar_that_claims_to_be_small_is_cut_at_its_content_length(
+    intake: Intake, crash_fixtures: Fixtures
+) -> None:
+    body = tar_bytes(files(real_crash(crash_fixtures)))
+    head = (
+        b"POST /create HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-tar\r\n"
+        b"Content-Length: 4096\r\nConnection: close\r\n\r\n"
+    )
+    answer = raw_request(intake.port, head, body)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"truncated" in answer
+    settle(intake, intake.store_url)
+
+
+def test_a_chunked_upload_without_length_is_refused_with_411(intake: Intake) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/create",
+            body=iter([b"x" * 100]),
+            headers={"Content-Type": XZ},
+            encode_chunked=True,
+        )
+        answer = conn.getresponse()
+        assert answer.status == 411
+        assert b"Content-Length" in answer.read()
+    finally:
+        conn.close()
+
+
+def test_the_broker_unreachable_means_503_and_nothing_left(
+    tmp_path: Path, crash_fixtures: Fixtures, make_broker_url: Callable[[], str]
+) -> None:
+    store_url = f"sqlite:///{tmp_path}/retrace.sqlite3"
+    intake = start_intake(tmp_path, make_broker_url(), store_url)
+    try:
+        # The topology exists, but this intake's broker is a port where nothing listens.
+        settings = intake.home / "retrace.toml"
+        text = settings.read_text()
+        settings.write_text(text.replace(intake.broker_url, f"amqp://127.0.0.1:{free_port()}/"))
+        intake.down()
+        intake.processes.clear()
+        intake.start(
+            "retrace-intake", "serve", "--bind", f"127.0.0.1:{intake.port}", "--workers", "1"
+        )
+        body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=2)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, headers, text_ = intake.request(
+                    "POST", "/create", body, {"Content-Type": XZ}
+                )
+                break
+            except OSError:
+                assert time.monotonic() < deadline, intake.logs()
+                time.sleep(0.2)
+        assert status == 503, (text_, intake.logs())
+        assert int(headers["Retry-After"]) > 0
+        assert b"queue is unavailable" in text_
+        settle(intake, store_url)
+    finally:
+        intake.down()
