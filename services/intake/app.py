@@ -15,6 +15,7 @@ from services.common.bus import Publish
 from services.common.settings import Settings
 from services.common.spool import Spool
 from services.common.store import Store
+from services.intake import passwords
 from services.intake.create import ACTIVE, CreateResource, disk_free
 from services.intake.errors import Refusal, render_refusal
 from services.intake.tasks import TaskResource
@@ -75,7 +76,8 @@ def create_app(
     publishing = Publishing(publish)
     app.add_route("/create", CreateResource(settings, store, spool, publishing, new_id, free_space))
     app.add_route("/settings", SettingsResource(settings, store))
-    tasks = TaskResource(store, spool)
+    key = passwords.server_key(settings.intake.password_key, spool.root)
+    tasks = TaskResource(settings.intake, store, spool, key)
     app.add_route("/{task_id}", tasks)
     app.add_route("/{task_id}/log", tasks, suffix="log")
     app.add_route("/{task_id}/backtrace", tasks, suffix="backtrace")

@@ -22,7 +22,7 @@ from services.common.store import Store, tasks, uploads
 from tests.conftest import STORE_KINDS
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack, free_port
-from tests.unit.test_intake import elf_header
+from tests.unit.test_intake import elf_header, task_dirs
 from tests.unit.test_intake_upload import files, real_crash, tar_bytes
 
 pytestmark = pytest.mark.integration
@@ -107,7 +107,7 @@ def settle(intake: Intake, store_url: str) -> None:
         while True:
             with store.engine.connect() as conn:
                 in_flight = conn.execute(uploads.select()).all()
-            if not in_flight:
+            if not in_flight and not task_dirs(intake.spool):
                 break
             assert time.monotonic() < deadline, (in_flight, intake.logs())
             time.sleep(0.1)
@@ -115,16 +115,14 @@ def settle(intake: Intake, store_url: str) -> None:
             assert conn.execute(tasks.select()).all() == []
     finally:
         store.engine.dispose()
-    assert list(intake.spool.iterdir()) == []
+    assert task_dirs(intake.spool) == []
     assert queued_messages(intake.broker_url) == 0
 
 
-def raw_request(port: int, head: bytes, body: bytes, close_early: bool = False) -> bytes:
+def raw_request(port: int, head: bytes, body: bytes) -> bytes:
     """Send ``head`` and ``body`` on a plain socket; return all the server answered."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head + body)
-        if close_early:
-            return b""
         sock.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := sock.recv(65536):
@@ -149,7 +147,13 @@ def test_a_client_that_disconnects_halfway_leaves_nothing_behind(
         f"POST /create HTTP/1.1\r\nHost: x\r\nContent-Type: {XZ}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    raw_request(intake.port, head, body[: len(body) // 2], close_early=True)
+    with socket.create_connection(("127.0.0.1", intake.port), timeout=30) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        # The intake is now unpacking and waits for the rest; then the client is gone.
+        deadline = time.monotonic() + 20
+        while not task_dirs(intake.spool):
+            assert time.monotonic() < deadline, intake.logs()
+            time.sleep(0.05)
     settle(intake, intake.store_url)
 
 

@@ -49,6 +49,11 @@ def archive(files: dict[str, bytes], mode: str = "w:xz", symlink: str | None = N
     return buf.getvalue()
 
 
+def task_dirs(spool: Path) -> list[Path]:
+    """The task folders in the spool (the spool also keeps the password key)."""
+    return [p for p in spool.iterdir() if p.is_dir()] if spool.exists() else []
+
+
 def crash_files(**overrides: bytes) -> dict[str, bytes]:
     files = {
         "coredump": elf_header() + bytes(1000),
@@ -149,18 +154,21 @@ def test_a_pending_task_reports_its_status_to_its_password_only(intake: Intake) 
         assert answer.status_code == 200
         assert answer.headers["X-Task-Status"] == "PENDING"
         assert answer.text.strip()
+        password = answer.headers["X-Task-Password"]
     wrong = intake.client.simulate_get(f"/{task_id}", headers={"X-Task-Password": "x" * 32})
     assert wrong.status_code == 403
     assert "X-Task-Status" not in wrong.headers
+    assert "X-Task-Password" not in wrong.headers
     assert intake.client.simulate_get(f"/{task_id}").status_code == 403
     unknown = intake.client.simulate_get("/nosuchtask0000", headers={"X-Task-Password": password})
     assert unknown.status_code == 404
-    backtrace = intake.client.simulate_get(
-        f"/{task_id}/backtrace", headers={"X-Task-Password": password}
-    )
-    assert backtrace.status_code == 404
-    log = intake.client.simulate_get(f"/{task_id}/log", headers={"X-Task-Password": password})
-    assert log.status_code == 404
+    # Not there yet: 404, like the original; the right password still rotates.
+    for suffix in ("backtrace", "log"):
+        answer = intake.client.simulate_get(
+            f"/{task_id}/{suffix}", headers={"X-Task-Password": password}
+        )
+        assert answer.status_code == 404
+        password = answer.headers["X-Task-Password"]
 
 
 @pytest.mark.parametrize(
@@ -183,7 +191,7 @@ def test_a_bad_upload_is_refused_naming_what_was_wrong_and_leaves_nothing(
     answer = intake.create(archive(files, symlink=symlink))
     assert answer.status_code == status
     assert says in answer.text
-    assert list(intake.spool.root.iterdir()) == []
+    assert task_dirs(intake.spool.root) == []
     assert intake.publisher.sent == []
 
 
@@ -211,7 +219,7 @@ def test_broker_down_means_503_and_no_task_left_behind(intake: Intake) -> None:
     answer = intake.create(archive(crash_files()))
     assert answer.status_code == 503
     assert answer.headers["Retry-After"]
-    assert list(intake.spool.root.iterdir()) == []
+    assert task_dirs(intake.spool.root) == []
     with intake.store.engine.connect() as conn:
         assert conn.execute(tasks.select()).all() == []
 

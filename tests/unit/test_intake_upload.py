@@ -28,7 +28,15 @@ import zstandard
 from schemas.messages import AnalyzeTaskV1, TaskType
 from services.common.store import TaskStatus, tasks
 from tests.fixtures.build import Fixtures
-from tests.unit.test_intake import XZ, Intake, MakeIntake, elf_header, intake, make_intake  # noqa: F401 -- shared fixtures
+from tests.unit.test_intake import (  # noqa: F401 -- shared fixtures
+    XZ,
+    Intake,
+    MakeIntake,
+    elf_header,
+    intake,
+    make_intake,
+    task_dirs,
+)
 
 TAR = "application/x-tar"
 GZ = "application/x-gzip"
@@ -81,7 +89,7 @@ def crash(crash_fixtures: Fixtures) -> dict[str, bytes]:
 
 
 def assert_nothing_left(intake: Intake) -> None:
-    assert not intake.spool.root.exists() or list(intake.spool.root.iterdir()) == []
+    assert task_dirs(intake.spool.root) == []
     with intake.store.engine.connect() as conn:
         assert conn.execute(tasks.select()).all() == []
     assert intake.publisher.sent == []
