@@ -555,6 +555,29 @@ class Store:
             for row in rows
         ]
 
+    def supported_releases(self) -> list[str]:
+        """Every release and architecture the mirror has binary packages for, in the
+        original's form ``fedora-40-x86_64``."""
+        query = (
+            sa.select(packages.c.os_release, packages.c.arch)
+            .where(packages.c.arch.not_in(["noarch", "src"]))
+            .distinct()
+            .order_by(packages.c.os_release, packages.c.arch)
+        )
+        with self.engine.connect() as conn:
+            return [f"{release}-{arch}" for release, arch in conn.execute(query)]
+
+    def has_build(self, name: str, version: str, release: str, arch: str) -> bool:
+        """Whether the mirror has package ``name-version-release`` for ``arch``."""
+        query = sa.select(packages.c.id).where(
+            packages.c.name == name,
+            packages.c.version == version,
+            packages.c.release == release,
+            packages.c.arch == arch,
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
     def find_packages(self, name: str, os_release: str, arch: str | None = None) -> list[Package]:
         """Every mirrored version of ``name`` for ``os_release``, newest import first."""
         query = packages.select().where(

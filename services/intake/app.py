@@ -6,6 +6,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import falcon
 
@@ -16,32 +17,22 @@ from services.common.settings import Settings
 from services.common.spool import Spool
 from services.common.store import Store
 from services.intake import passwords
-from services.intake.create import ACTIVE, CreateResource, disk_free
+from services.intake.catalog import CheckPackageResource, SettingsResource
+from services.intake.clients import RequireHttps
+from services.intake.create import CreateResource, disk_free
 from services.intake.errors import Refusal, render_refusal
+from services.intake.health import (
+    BrokerProbe,
+    HeartbeatResource,
+    LbHeartbeatResource,
+    VersionResource,
+)
+from services.intake.metrics import Metrics, MetricsMiddleware, MetricsResource
+from services.intake.openapi import OpenApiResource
 from services.intake.tasks import TaskResource
-from services.intake.upload import DECODERS, FreeSpace
+from services.intake.upload import MIB, FreeSpace
 
 log = logging.getLogger(__name__)
-
-
-class SettingsResource:
-    """``GET /settings``: limits and formats, in the original's ``key value`` lines."""
-
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self._settings = settings
-        self._store = store
-
-    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
-        limits = self._settings.intake
-        lines = {
-            "running_tasks": self._store.count_tasks(ACTIVE),
-            "max_running_tasks": limits.max_running_tasks,
-            "max_packed_size": limits.max_packed_size_mib,
-            "max_unpacked_size": limits.max_unpacked_size_mib,
-            "supported_formats": " ".join(DECODERS),
-        }
-        resp.content_type = falcon.MEDIA_TEXT
-        resp.text = "".join(f"{k} {v}\n" for k, v in lines.items())
 
 
 class Publishing:
@@ -61,6 +52,16 @@ def new_task_id() -> str:
     return secrets.token_urlsafe(18)
 
 
+class _Unprobed:
+    """A broker probe for an app built without one: never healthy, depth unknown."""
+
+    def check(self) -> None:
+        raise OSError("no broker probe configured")
+
+    def queue_depth(self) -> int | None:
+        return None
+
+
 def create_app(
     settings: Settings,
     store: Store,
@@ -68,16 +69,46 @@ def create_app(
     publish: Publish,
     new_id: Callable[[], str] = new_task_id,
     free_space: FreeSpace = disk_free,
+    broker: BrokerProbe | None = None,
+    metrics: Metrics | None = None,
 ) -> falcon.App[falcon.Request, falcon.Response]:
     """The intake application, wired to the collaborators it is given."""
-    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(media_type=falcon.MEDIA_TEXT)
+    limits = settings.intake
+    metrics = metrics or Metrics()
+    broker = broker or _Unprobed()
+    middleware: list[Any] = [MetricsMiddleware(metrics)]
+    if limits.require_https:
+        middleware.append(RequireHttps(limits.trusted_proxies))
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
+        media_type=falcon.MEDIA_TEXT, middleware=middleware
+    )
     app.req_options.strip_url_path_trailing_slash = True
-    app.add_error_handler(Refusal, render_refusal)
-    publishing = Publishing(publish)
-    app.add_route("/create", CreateResource(settings, store, spool, publishing, new_id, free_space))
-    app.add_route("/settings", SettingsResource(settings, store))
-    key = passwords.server_key(settings.intake.password_key, spool.root)
-    tasks = TaskResource(settings.intake, store, spool, key)
+
+    def refused(
+        req: falcon.Request, resp: falcon.Response, error: Refusal, params: dict[str, Any]
+    ) -> None:
+        if req.path == "/create" and req.method == "POST":
+            metrics.refused_uploads.labels(error.code).inc()
+        render_refusal(req, resp, error, params)
+
+    app.add_error_handler(Refusal, refused)
+    key = passwords.server_key(limits.password_key, spool.root)
+    metrics.watch(store, spool.root, free_space, broker.queue_depth)
+    app.add_route(
+        "/create",
+        CreateResource(settings, store, spool, Publishing(publish), new_id, free_space, metrics),
+    )
+    app.add_route("/settings", SettingsResource(limits, store))
+    app.add_route("/checkpackage", CheckPackageResource(store))
+    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/openapi.json", OpenApiResource())
+    app.add_route("/__lbheartbeat__", LbHeartbeatResource())
+    app.add_route(
+        "/__heartbeat__",
+        HeartbeatResource(store, broker, spool.root, free_space, limits.min_free_space_mib * MIB),
+    )
+    app.add_route("/__version__", VersionResource())
+    tasks = TaskResource(limits, store, spool, key)
     app.add_route("/{task_id}", tasks)
     app.add_route("/{task_id}/log", tasks, suffix="log")
     app.add_route("/{task_id}/backtrace", tasks, suffix="backtrace")

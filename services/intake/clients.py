@@ -6,6 +6,8 @@ import ipaddress
 
 import falcon
 
+from services.intake.errors import Refusal
+
 
 def _trusted(address: str, trusted: tuple[str, ...]) -> bool:
     try:
@@ -37,3 +39,19 @@ def is_https(req: falcon.Request, trusted: tuple[str, ...]) -> bool:
         if proto:
             return proto == "https"
     return req.scheme == "https"
+
+
+# Load balancers probe these over plain HTTP inside the network.
+HTTPS_EXEMPT = ("/__lbheartbeat__", "/__heartbeat__")
+
+
+class RequireHttps:
+    """Middleware: refuse plain-HTTP requests with 403, as the original server did."""
+
+    def __init__(self, trusted: tuple[str, ...]) -> None:
+        self._trusted = trusted
+
+    def process_request(self, req: falcon.Request, _resp: falcon.Response) -> None:
+        if req.path in HTTPS_EXEMPT or is_https(req, self._trusted):
+            return
+        raise Refusal(403, "this server answers over HTTPS only", code="https")

@@ -28,6 +28,7 @@ from services.common.store import Store, TaskStatus
 from services.intake import passwords
 from services.intake.clients import client_address
 from services.intake.errors import Refusal
+from services.intake.metrics import Metrics
 from services.intake.upload import (
     DECODERS,
     MIB,
@@ -85,6 +86,7 @@ class CreateResource:
         publish: Publish,
         new_id: Callable[[], str],
         free_space: FreeSpace = disk_free,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -92,6 +94,7 @@ class CreateResource:
         self._publish = publish
         self._new_id = new_id
         self._free_space = free_space
+        self._metrics = metrics or Metrics()
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         limits = self._settings.intake
@@ -138,6 +141,8 @@ class CreateResource:
             raise
         finally:
             self._store.end_upload(upload_id)
+            self._metrics.received_bytes.inc(body.received)
+        self._metrics.created_tasks.labels(task_type.value).inc()
         log.info("task %s created (%s, %s)", task_id, arch, task_type)
         resp.status = falcon.HTTP_201
         resp.set_header("X-Task-Id", task_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from datetime import UTC, datetime, timedelta
 
 import falcon
@@ -15,6 +16,7 @@ from services.common.store import Store, Task, TaskStatus
 from services.intake import passwords
 from services.intake.clients import client_address
 from services.intake.errors import Refusal
+from services.intake.openapi import TASK_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ STATUS_NAMES = {
     TaskStatus.SUCCESS: "FINISHED_SUCCESS",
     TaskStatus.FAILURE: "FINISHED_FAILURE",
 }
+
+TASK_ID = re.compile(TASK_ID_PATTERN)
 
 # The password just replaced may be replayed this many times in the grace window.
 REPLAYS = 1
@@ -40,9 +44,9 @@ class TaskResource:
         self._key = key
 
     def _authorized(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> Task:
-        task = self._store.get_task(task_id)
+        task = self._store.get_task(task_id) if TASK_ID.match(task_id) else None
         if task is None or task.status == TaskStatus.SUBMITTING:
-            raise Refusal(404, f"there is no task {task_id}", code="no_task")
+            raise Refusal(404, f"there is no task {task_id[:64]!r}", code="no_task")
         presented = req.get_header("X-Task-Password") or ""
         if self._settings.password_mode == "static":  # noqa: S105 -- a mode, not a password
             if passwords.matches(presented, task.password_digest):

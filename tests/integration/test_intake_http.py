@@ -7,6 +7,7 @@ once on SQLite and once on PostgreSQL.
 from __future__ import annotations
 
 import http.client
+import json
 import lzma
 import os
 import socket
@@ -171,6 +172,14 @@ def test_a_plain_tar_that_claims_to_be_small_is_cut_at_its_content_length(
     settle(intake, intake.store_url)
 
 
+def test_the_heartbeat_sees_the_real_database_broker_and_spool(intake: Intake) -> None:
+    status, _, beat = intake.request("GET", "/__heartbeat__")
+    assert status == 200, beat
+    assert json.loads(beat)["checks"] == {"database": "ok", "broker": "ok", "spool": "ok"}
+    status, _, metrics = intake.request("GET", "/metrics")
+    assert b"retrace_intake_queue_depth 0.0" in metrics
+
+
 def test_a_chunked_upload_without_length_is_refused_with_411(intake: Intake) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=30)
     try:
@@ -218,5 +227,8 @@ def test_the_broker_unreachable_means_503_and_nothing_left(
         assert int(headers["Retry-After"]) > 0
         assert b"queue is unavailable" in text_
         settle(intake, store_url)
+        status, _, beat = intake.request("GET", "/__heartbeat__")
+        assert status == 503
+        assert json.loads(beat)["checks"]["broker"] == "the broker does not answer"
     finally:
         intake.down()
