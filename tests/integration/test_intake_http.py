@@ -13,13 +13,15 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from schemas.topology import ANALYZE
 from services.common.bus import connect
-from services.common.store import Store, tasks, uploads
+from services.common.store import Store, TaskStatus, tasks, uploads
 from tests.conftest import STORE_KINDS
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack, free_port
@@ -36,6 +38,7 @@ class Intake(Stack):
 
     store_url: str = ""
     extra: str = ""
+    serve_args: tuple[str, ...] = ("--workers", "2")
 
     def write_settings(self) -> None:
         super().write_settings()
@@ -47,7 +50,7 @@ class Intake(Stack):
         for admin in (("migrate",), ("topology",)):
             done = self.command("retrace-admin", *admin)
             assert done.returncode == 0, done.stderr
-        self.start("retrace-intake", "serve", "--bind", f"127.0.0.1:{self.port}", "--workers", "2")
+        self.start("retrace-intake", "serve", "--bind", f"127.0.0.1:{self.port}", *self.serve_args)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -63,10 +66,14 @@ class Intake(Stack):
         return self.home / "var/spool"
 
 
-def start_intake(home: Path, broker_url: str, store_url: str, extra: str = "") -> Intake:
+def start_intake(
+    home: Path, broker_url: str, store_url: str, extra: str = "", *serve_args: str
+) -> Intake:
     intake = Intake(home, broker_url)
     intake.store_url = store_url
     intake.extra = extra
+    if serve_args:
+        intake.serve_args = serve_args
     intake.up()
     return intake
 
@@ -230,5 +237,82 @@ def test_the_broker_unreachable_means_503_and_nothing_left(
         status, _, beat = intake.request("GET", "/__heartbeat__")
         assert status == 503
         assert json.loads(beat)["checks"]["broker"] == "the broker does not answer"
+    finally:
+        intake.down()
+
+
+def test_cleanup_command_expires_finished_tasks_and_requeues_stuck_ones(
+    tmp_path: Path, crash_fixtures: Fixtures, make_broker_url: Callable[[], str]
+) -> None:
+    store_url = f"sqlite:///{tmp_path}/retrace.sqlite3"
+    intake = start_intake(tmp_path, make_broker_url(), store_url)
+    store = Store.from_url(store_url)
+    try:
+        body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=2)
+        created = [
+            intake.request("POST", "/create", body, {"Content-Type": XZ})[1]["X-Task-Id"]
+            for _ in range(2)
+        ]
+        finished, stuck = created
+        long_ago = datetime.now(UTC) - timedelta(days=30)
+        with store.engine.begin() as conn:
+            conn.execute(
+                sa.update(tasks)
+                .where(tasks.c.id == finished)
+                .values(status=TaskStatus.SUCCESS, finished_at=long_ago)
+            )
+            conn.execute(
+                sa.update(tasks)
+                .where(tasks.c.id == stuck)
+                .values(status=TaskStatus.SUBMITTING, created_at=long_ago)
+            )
+        done = intake.command("retrace-intake", "cleanup")
+        assert done.returncode == 0, done.stderr
+        assert "expired 1" in done.stdout
+        assert "republished 1" in done.stdout
+        assert store.get_task(finished) is None
+        assert not (intake.spool / finished).exists()
+        requeued = store.get_task(stuck)
+        assert requeued is not None
+        assert requeued.status == TaskStatus.QUEUED
+        # Both uploads' commands and the republished one are in the queue.
+        assert queued_messages(intake.broker_url) == 3
+    finally:
+        store.engine.dispose()
+        intake.down()
+
+
+def test_behind_a_trusted_proxy_with_https_required(
+    tmp_path: Path, make_broker_url: Callable[[], str]
+) -> None:
+    # The production gunicorn config; nginx would connect from 127.0.0.2.
+    intake = start_intake(
+        tmp_path,
+        make_broker_url(),
+        f"sqlite:///{tmp_path}/retrace.sqlite3",
+        '[intake]\nrequire_https = true\ntrusted_proxies = ["127.0.0.2/32"]\n',
+        "--config",
+        str(Path(__file__).resolve().parents[2] / "deploy/gunicorn.conf.py"),
+        "--workers",
+        "1",
+    )
+
+    def get(source: str, headers: dict[str, str]) -> int:
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", intake.port, timeout=30, source_address=(source, 0)
+        )
+        try:
+            conn.request("GET", "/settings", headers=headers)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"}
+        assert get("127.0.0.2", https) == 200
+        assert get("127.0.0.2", {}) == 403
+        # A client that is not the proxy cannot claim HTTPS, neither to us nor to gunicorn.
+        assert get("127.0.0.1", https) == 403
+        assert get("127.0.0.1", {}) == 403
     finally:
         intake.down()
