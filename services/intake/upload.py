@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import lzma
+import queue
 import re
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from services.intake.errors import Refusal
 
 # Bytes read from the client at a time: small enough that the upload's deadline is
 # checked often, large enough to keep the decoder busy.
-PIECE = 64 << 10
+PIECE = 256 << 10
 # Bytes of decompressed data handed to the tar reader at a time.
 CHUNK = 1 << 20
 # Free space is looked at again after this many bytes written.
@@ -211,6 +213,60 @@ def _plain(body: Body, _memory: int) -> Callable[[int], bytes]:
     return body.read
 
 
+class _Prefetch:
+    """Runs a decoder in a thread of its own, a few chunks ahead of the tar reader.
+
+    Decompressing (xz above all) is the slow half of an upload and releases the GIL,
+    so it overlaps with parsing the tar and writing files, as ``xz | tar`` would.  At
+    most ``AHEAD`` chunks wait in memory.
+    """
+
+    AHEAD = 4
+
+    def __init__(self, decode: Callable[[int], bytes]) -> None:
+        self._decode = decode
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(self.AHEAD)
+        self._stopping = threading.Event()
+        self._pending = b""
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="upload-decoder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            item: bytes | BaseException
+            try:
+                item = self._decode(CHUNK)
+            except BaseException as exc:  # noqa: BLE001 -- handed to the reading thread
+                item = exc
+            while not self._stopping.is_set():
+                try:
+                    self._chunks.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, size: int) -> bytes:
+        """At most ``size`` decoded bytes; ``b""`` at the end; the decoder's error, raised."""
+        if not self._pending and not self._done:
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+            self._pending = item
+        data, self._pending = self._pending[:size], self._pending[size:]
+        return data
+
+    def stop(self) -> None:
+        """Stop decoding and wait for the thread (it may finish reading one piece)."""
+        self._stopping.set()
+        self._thread.join()
+
+
 DECODERS: dict[str, Callable[[Body, int], Callable[[int], bytes]]] = {
     "application/x-xz-compressed-tar": _xz,
     "application/x-gzip": _gzip,
@@ -237,7 +293,15 @@ def receive(
     Raises :class:`Refusal` naming what was wrong; ``dest`` may then hold a part
     of the upload, which the caller removes.
     """
-    decoded = _Decoded(DECODERS[content_type](body, limits.decoder_memory))
+    prefetch = _Prefetch(DECODERS[content_type](body, limits.decoder_memory))
+    try:
+        return _unpack(_Decoded(prefetch.read), dest, limits, free_space)
+    finally:
+        # Nobody else may read the body (to drain it) while the decoder thread does.
+        prefetch.stop()
+
+
+def _unpack(decoded: _Decoded, dest: Path, limits: Limits, free_space: FreeSpace) -> Crash:
     seen: set[str] = set()
     writer = _Writer(dest, limits, free_space)
     try:
