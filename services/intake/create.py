@@ -131,15 +131,19 @@ class CreateResource:
                 decoder_memory=limits.decoder_memory_mib * MIB,
                 deadline=time.monotonic() + limits.upload_timeout_seconds,
             ),
+            req.env.get("gunicorn.socket"),
         )
         upload_id = self._new_id()
         try:
             task_id, password, arch = self._receive(req, body, upload_id, content_type, task_type)
         except Refusal as refusal:
-            if refusal.code != "timeout":
+            if refusal.code == "timeout":
+                body.abandon()
+            else:
                 body.drain()
             raise
         finally:
+            body.release()
             self._store.end_upload(upload_id)
             self._metrics.received_bytes.inc(body.received)
         self._metrics.created_tasks.labels(task_type.value).inc()

@@ -9,10 +9,12 @@ of the spool is looked at again every few MiB written.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import lzma
 import queue
 import re
+import socket
 import tarfile
 import threading
 import time
@@ -80,11 +82,24 @@ class Limits:
 FreeSpace = Callable[[Path], int]
 
 
-class Body:
-    """The request body, read in pieces, counted, and bounded in time."""
+class ClientSocket(Protocol):
+    """The client's socket (gunicorn's ``gunicorn.socket``), for timeouts and shutdown."""
 
-    def __init__(self, stream: Readable, limits: Limits) -> None:
+    def settimeout(self, value: float | None, /) -> None: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+
+class Body:
+    """The request body, read in pieces, counted, and bounded in time.
+
+    With the client's socket at hand, a read that would block past the upload's
+    deadline times out, so a client that stops sending cannot hold a thread for ever.
+    """
+
+    def __init__(self, stream: Readable, limits: Limits, sock: ClientSocket | None = None) -> None:
         self._stream = stream
+        self._sock = sock
         self.limits = limits
         self.received = 0
 
@@ -93,10 +108,15 @@ class Body:
         want = min(size, PIECE, self.limits.declared - self.received)
         if want <= 0:
             return b""
-        if time.monotonic() > self.limits.deadline:
-            raise Refusal(408, "the upload took longer than this server allows", code="timeout")
+        left = self.limits.deadline - time.monotonic()
+        if left <= 0:
+            raise _too_slow()
         try:
+            if self._sock is not None:
+                self._sock.settimeout(left)
             data = self._stream.read(want)
+        except TimeoutError as exc:
+            raise _too_slow() from exc
         except Exception as exc:
             raise Refusal(400, "the upload ended before its Content-Length", code="cut") from exc
         if not data:
@@ -112,6 +132,23 @@ class Body:
                 pass
         except Refusal:
             pass
+
+    def abandon(self) -> None:
+        """Read no more from a client too slow to wait for: our answer still goes out,
+        and the server finds the rest of the body ended instead of waiting for it."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RD)
+
+    def release(self) -> None:
+        """Give the socket back without a timeout, for the next request on it."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(None)
+
+
+def _too_slow() -> Refusal:
+    return Refusal(408, "the upload took longer than this server allows", code="timeout")
 
 
 class _Decoded(io.RawIOBase):

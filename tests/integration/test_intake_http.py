@@ -179,6 +179,32 @@ def test_a_plain_tar_that_claims_to_be_small_is_cut_at_its_content_length(
     settle(intake, intake.store_url)
 
 
+def test_a_client_that_stalls_gets_408_at_the_deadline_and_leaves_nothing(
+    tmp_path: Path, crash_fixtures: Fixtures, make_broker_url: Callable[[], str]
+) -> None:
+    store_url = f"sqlite:///{tmp_path}/retrace.sqlite3"
+    intake = start_intake(
+        tmp_path, make_broker_url(), store_url, "[intake]\nupload_timeout_seconds = 2\n"
+    )
+    try:
+        body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=0)
+        head = (
+            f"POST /create HTTP/1.1\r\nHost: x\r\nContent-Type: {XZ}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", intake.port), timeout=30) as sock:
+            sock.sendall(head + body[: len(body) // 2])
+            # ... and then nothing more: the intake must not wait for ever.
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), (answer[:300], intake.logs())
+        assert b"took longer" in answer
+        settle(intake, store_url)
+    finally:
+        intake.down()
+
+
 def test_the_heartbeat_sees_the_real_database_broker_and_spool(intake: Intake) -> None:
     status, _, beat = intake.request("GET", "/__heartbeat__")
     assert status == 200, beat
