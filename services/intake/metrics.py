@@ -1,18 +1,21 @@
 """Every metric the intake exports, declared in one registry (``GET /metrics``).
 
-Counters are kept per worker process; gauges that describe shared state (tasks by
-state, queue depth, spool free space) are read from the store, the broker and the
-disk at scrape time, so every worker reports the same values for them.
+Under gunicorn, counters are kept in prometheus_client's multiprocess files (the
+folder named by ``PROMETHEUS_MULTIPROC_DIR``, made by the gunicorn config), so any
+worker's answer sums every worker's counts.  Gauges that describe shared state (tasks
+by state, queue depth, spool free space) are read from the store, the broker and the
+disk at scrape time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import falcon
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -21,6 +24,7 @@ from services.common.store import Store, TaskStatus
 log = logging.getLogger(__name__)
 
 PREFIX = "retrace_intake"
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class _SharedState(Collector):
@@ -74,6 +78,7 @@ class Metrics:
     """The intake's metrics, in a registry of their own (no process-global state)."""
 
     def __init__(self) -> None:
+        self._shared: _SharedState | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             f"{PREFIX}_requests",
@@ -107,7 +112,18 @@ class Metrics:
         queue_depth: Callable[[], int | None],
     ) -> None:
         """Export the shared-state gauges, read from these at each scrape."""
-        self.registry.register(_SharedState(store, spool, free_space, queue_depth))
+        self._shared = _SharedState(store, spool, free_space, queue_depth)
+        self.registry.register(self._shared)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format, every worker's counters summed."""
+        if not os.environ.get(MULTIPROCESS_DIR):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if self._shared is not None:
+            registry.register(self._shared)
+        return generate_latest(registry)
 
     def names(self) -> set[str]:
         """The names of every declared metric family."""
@@ -140,7 +156,7 @@ class MetricsResource:
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.data = generate_latest(self._metrics.registry)
+        resp.data = self._metrics.exposition()
 
 
 def statuses() -> tuple[str, ...]:

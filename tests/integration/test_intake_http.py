@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.topology import ANALYZE
 from services.common.bus import connect
@@ -211,6 +212,24 @@ def test_the_heartbeat_sees_the_real_database_broker_and_spool(intake: Intake) -
     assert json.loads(beat)["checks"] == {"database": "ok", "broker": "ok", "spool": "ok"}
     status, _, metrics = intake.request("GET", "/metrics")
     assert b"retrace_intake_queue_depth 0.0" in metrics
+
+
+def test_metrics_sum_every_workers_counts(intake: Intake) -> None:
+    def settings_requests() -> float:
+        text = intake.request("GET", "/metrics")[2].decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (
+                    sample.name == "retrace_intake_requests_total"
+                    and sample.labels["route"] == "/settings"
+                ):
+                    return sample.value
+        return 0.0
+
+    before = settings_requests()
+    for _ in range(20):  # a new connection each: both workers take some
+        assert intake.request("GET", "/settings")[0] == 200
+    assert [settings_requests() for _ in range(4)] == [before + 20] * 4
 
 
 def test_a_chunked_upload_without_length_is_refused_with_411(intake: Intake) -> None:
