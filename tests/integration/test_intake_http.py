@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -360,4 +361,64 @@ def test_behind_a_trusted_proxy_with_https_required(
         assert get("127.0.0.1", https) == 403
         assert get("127.0.0.1", {}) == 403
     finally:
+        intake.down()
+
+
+@pytest.mark.parametrize("store_kind", STORE_KINDS)
+def test_two_workers_write_the_store_safely_at_once(
+    request: pytest.FixtureRequest,
+    store_kind: str,
+    tmp_path: Path,
+    crash_fixtures: Fixtures,
+    make_broker_url: Callable[[], str],
+) -> None:
+    if store_kind == "sqlite":
+        store_url = f"sqlite:///{tmp_path}/retrace.sqlite3"
+    else:
+        store_url = request.getfixturevalue("make_postgresql_url")()
+    intake = start_intake(
+        tmp_path,
+        make_broker_url(),
+        store_url,
+        "[intake]\nmax_uploads_per_client = 8\nwrong_password_limit = 5\n",
+        "--workers",
+        "2",
+    )
+    store = Store.from_url(store_url)
+    body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=2)
+
+    def upload() -> tuple[int, str, str]:
+        status, headers, _ = intake.request("POST", "/create", body, {"Content-Type": XZ})
+        return status, headers.get("X-Task-Id", ""), headers.get("X-Task-Password", "")
+
+    def status_of(task_id: str, password: str) -> tuple[int, str]:
+        # Exactly the password given (Stack.request would follow rotations).
+        conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=30)
+        try:
+            conn.request("GET", f"/{task_id}", headers={"X-Task-Password": password})
+            answer = conn.getresponse()
+            answer.read()
+            return answer.status, answer.headers.get("X-Task-Password", "")
+        finally:
+            conn.close()
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            created = list(pool.map(lambda _: upload(), range(6)))
+        assert [status for status, _, _ in created] == [201] * 6, intake.logs()
+        _, task_id, password = created[0]
+        with ThreadPoolExecutor(8) as pool:
+            wrong = list(pool.map(lambda _: status_of(task_id, "x" * 32)[0], range(12)))
+        # Every worker counted into the same row: exactly five 403s, then 429s.
+        assert sorted(wrong) == [403] * 5 + [429] * 7, intake.logs()
+        # The right password is still accepted; two requests racing with it across both
+        # workers both succeed and agree on the next password.
+        with ThreadPoolExecutor(2) as pool:
+            raced = list(pool.map(lambda _: status_of(task_id, password), range(2)))
+        assert [status for status, _ in raced] == [200, 200], intake.logs()
+        assert raced[0][1] == raced[1][1]
+        assert status_of(task_id, raced[0][1])[0] == 200
+        assert queued_messages(intake.broker_url) == 6
+    finally:
+        store.engine.dispose()
         intake.down()
