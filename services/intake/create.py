@@ -50,6 +50,8 @@ TASK_TYPES_NOT_OFFERED = {"2": "kernel vmcore", "3": "interactive", "4": "intera
 
 RETRY_FULL = "60"
 
+_NO_LIMITS = Limits(declared=0, max_unpacked=0, min_free=0, decoder_memory=0, deadline=float("inf"))
+
 
 def disk_free(path: Path) -> int:
     """Bytes free on the filesystem holding ``path``."""
@@ -117,6 +119,9 @@ class CreateResource:
         if req.content_length is None:
             raise Refusal(411, "the upload must carry a Content-Length header", code="length")
         if req.content_length > limits.max_packed_size_mib * MIB:
+            # Too big to read and drop: answer at once, and make the server take the
+            # rest of the body as ended rather than read it to reach the next request.
+            Body(req.bounded_stream, _NO_LIMITS, req.env.get("gunicorn.socket")).abandon()
             raise Refusal(
                 413,
                 f"the archive is larger than the {limits.max_packed_size_mib} MiB limit",

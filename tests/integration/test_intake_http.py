@@ -233,6 +233,20 @@ def test_metrics_sum_every_workers_counts(intake: Intake) -> None:
     assert [settings_requests() for _ in range(4)] == [before + 20] * 4
 
 
+def test_a_declared_length_over_the_limit_is_answered_at_once(intake: Intake) -> None:
+    head = (
+        f"POST /create HTTP/1.1\r\nHost: x\r\nContent-Type: {XZ}\r\n"
+        f"Content-Length: {100 << 20}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", intake.port), timeout=30) as sock:
+        sock.sendall(head + bytes(1 << 20))
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes: it reads no more of it
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"50 MiB limit" in answer
+
+
 def test_a_chunked_upload_without_length_is_refused_with_411(intake: Intake) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", intake.port, timeout=30)
     try:
