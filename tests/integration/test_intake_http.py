@@ -207,6 +207,35 @@ def test_a_client_that_stalls_gets_408_at_the_deadline_and_leaves_nothing(
         intake.down()
 
 
+def test_a_clients_second_upload_at_once_is_refused_with_429(
+    tmp_path: Path, crash_fixtures: Fixtures, make_broker_url: Callable[[], str]
+) -> None:
+    store_url = f"sqlite:///{tmp_path}/retrace.sqlite3"
+    intake = start_intake(
+        tmp_path, make_broker_url(), store_url, "[intake]\nmax_uploads_per_client = 1\n"
+    )
+    try:
+        body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=0)
+        head = (
+            f"POST /create HTTP/1.1\r\nHost: x\r\nContent-Type: {XZ}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", intake.port), timeout=30) as slow:
+            slow.sendall(head + body[: len(body) // 2])
+            deadline = time.monotonic() + 20
+            while not task_dirs(intake.spool):  # the first upload is being received
+                assert time.monotonic() < deadline, intake.logs()
+                time.sleep(0.05)
+            status, headers, text = intake.request("POST", "/create", body, {"Content-Type": XZ})
+            assert status == 429, text
+            assert int(headers["Retry-After"]) > 0
+            assert b"uploads in progress" in text
+            slow.sendall(body[len(body) // 2 :])
+            assert slow.recv(12) == b"HTTP/1.1 201"
+    finally:
+        intake.down()
+
+
 def test_the_heartbeat_sees_the_real_database_broker_and_spool(intake: Intake) -> None:
     status, _, beat = intake.request("GET", "/__heartbeat__")
     assert status == 200, beat
