@@ -57,8 +57,13 @@ def test_schemathesis_finds_no_500_and_no_undocumented_status(
                 "--report-dir",
                 str(tmp_path / "report"),
             ],
-            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.integration.test_intake_openapi"},
-            cwd=ROOT,
+            env={
+                **os.environ,
+                "SCHEMATHESIS_HOOKS": "tests.integration.test_intake_openapi",
+                "PYTHONPATH": str(ROOT),
+            },
+            # schemathesis keeps a cache in its working directory: not in the checkout.
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=300,
