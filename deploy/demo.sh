@@ -51,6 +51,9 @@ status=PENDING
 for _ in $(seq 300); do
   answer=$(curl -sS -D - -H "X-Task-Password: $password" "$URL/$task" | tr -d '\r')
   status=$(echo "$answer" | sed -n 's/^X-Task-Status: //p')
+  # Passwords are single-use: each answer carries the next one.
+  next=$(echo "$answer" | sed -n 's/^X-Task-Password: //p')
+  [ -n "$next" ] && password=$next
   [ "$status" != PENDING ] && break
   sleep 1
 done
@@ -58,7 +61,9 @@ echo "X-Task-Status: $status"
 
 if [ "$status" = FINISHED_SUCCESS ]; then
   say "backtrace ($URL/$task/backtrace)"
-  curl -sS -H "X-Task-Password: $password" "$URL/$task/backtrace"
+  curl -sS -D "$RUN/answer-headers" -H "X-Task-Password: $password" "$URL/$task/backtrace"
+  next=$(tr -d '\r' <"$RUN/answer-headers" | sed -n 's/^X-Task-Password: //p')
+  [ -n "$next" ] && password=$next
 else
   say "log ($URL/$task/log)"
   curl -sS -H "X-Task-Password: $password" "$URL/$task/log"

@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 
 # Debian package names of the tools the services and the fixture builder run.
 PACKAGES=(
-  gdb elfutils rpm rpm2cpio cpio debugedit gcc make xz-utils curl
-  createrepo-c dnf debuginfod libkrb5-dev wget
+  gdb elfutils rpm rpm2cpio cpio debugedit gcc make xz-utils curl wget zstd
+  createrepo-c dnf debuginfod libkrb5-dev systemd git
 )
 
 say() { printf '==> %s\n' "$*"; }

@@ -1,4 +1,4 @@
-"""Shared test fixtures: private RabbitMQ vhosts and the real crash fixtures."""
+"""Shared test fixtures: private RabbitMQ vhosts, store databases and the real crash fixtures."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.fixtures.build import Fixtures, build_fixtures
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672"
+POSTGRESQL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+STORE_KINDS = ("sqlite", "postgresql")
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -50,3 +54,37 @@ def broker_url(make_broker_url: Callable[[], str]) -> str:
 def crash_fixtures() -> Fixtures:
     """The real RPMs and kernel-written core of tests/fixtures, built once and cached."""
     return build_fixtures()
+
+
+@pytest.fixture(scope="session")
+def make_postgresql_url() -> Iterator[Callable[[], str]]:
+    """Makes fresh schemas in the local PostgreSQL's ``test`` database, all dropped after
+    the session, so that runs (and tests) never see each other's rows."""
+    admin = sa.create_engine(POSTGRESQL, isolation_level="AUTOCOMMIT")
+    try:
+        admin.connect().close()
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {POSTGRESQL} does not answer: {exc}")
+    made: list[str] = []
+
+    def make() -> str:
+        schema = f"retrace_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        made.append(schema)
+        return f"{POSTGRESQL}?options=-csearch_path%3D{schema}"
+
+    yield make
+    with admin.connect() as conn:
+        for schema in made:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database for one test: an SQLite file, then a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/retrace.sqlite3"
+    make: Callable[[], str] = request.getfixturevalue("make_postgresql_url")
+    return make()

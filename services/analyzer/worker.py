@@ -44,9 +44,11 @@ class AnalyzeHandler:
         command = delivery.message
         assert isinstance(command, AnalyzeTaskV1)
         task_id = command.task_id
-        # A redelivery after a dead analyzer finds the task still running: take it over.
+        # The command may arrive before the intake has marked the task queued, and a
+        # redelivery after a dead analyzer finds it still running: take it over.
         if not self._store.move_task(
-            task_id, [TaskStatus.QUEUED, TaskStatus.RUNNING], TaskStatus.RUNNING,
+            task_id, [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING],
+            TaskStatus.RUNNING,
             progress=progress.ANALYZE,
         ):  # fmt: skip
             log.info("task %s is finished, deleted or unknown; nothing to do", task_id)

@@ -59,7 +59,22 @@ class IntakeSettings(_Section):
     arches: tuple[str, ...] = ("x86_64",)
     max_packed_size_mib: int = Field(default=50, ge=1)
     max_unpacked_size_mib: int = Field(default=1024, ge=1)
-    password_mode: Literal["static"] = "static"  # noqa: S105 -- a mode, not a password
+    min_free_space_mib: int = Field(default=1024, ge=0)
+    max_running_tasks: int = Field(default=20, ge=1)
+    decoder_memory_mib: int = Field(default=96, ge=8)
+    max_uploads_per_client: int = Field(default=2, ge=1)
+    upload_timeout_seconds: int = Field(default=900, ge=1)
+    password_mode: Literal["single-use", "static"] = "single-use"  # noqa: S105 -- a mode
+    password_key: str = ""
+    password_grace_seconds: int = Field(default=120, ge=0)
+    wrong_password_limit: int = Field(default=10, ge=1)
+    wrong_password_window_seconds: int = Field(default=900, ge=1)
+    keep_success_hours: float = Field(default=168, gt=0)
+    keep_failure_hours: float = Field(default=168, gt=0)
+    keep_debug_hours: float = Field(default=72, gt=0)
+    submitting_timeout_seconds: int = Field(default=300, ge=10)
+    trusted_proxies: tuple[str, ...] = ()
+    require_https: bool = False
 
 
 class AnalyzerSettings(_Section):
@@ -143,6 +158,8 @@ class Settings(_Section):
         data["store"]["url"] = mask_url(self.store.url)
         data["broker"]["url"] = mask_url(self.broker.url)
         data["mirror"]["koji_broker_url"] = mask_url(self.mirror.koji_broker_url)
+        if self.intake.password_key:
+            data["intake"]["password_key"] = "***"  # noqa: S105 -- the mask itself
         return data
 
 

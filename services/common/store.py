@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -41,6 +43,30 @@ tasks = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True)),
     sa.Column("finished_at", sa.DateTime(timezone=True)),
+    # Single-use passwords: the one just replaced, when, and how often it was replayed.
+    sa.Column("previous_digest", sa.String(64)),
+    sa.Column("rotated_at", sa.DateTime(timezone=True)),
+    sa.Column("previous_replays", sa.Integer, nullable=False, server_default="0"),
+)
+
+# Wrong passwords per task and client address, in a window, so every worker agrees.
+password_failures = sa.Table(
+    "password_failures",
+    metadata,
+    sa.Column("task_id", sa.String(64), nullable=False),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("window_start", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.PrimaryKeyConstraint("task_id", "client"),
+)
+
+# Uploads being received, per client address, across every intake worker.
+uploads = sa.Table(
+    "uploads",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 packages = sa.Table(
@@ -148,6 +174,9 @@ class Task:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    previous_digest: str | None = None
+    rotated_at: datetime | None = None
+    previous_replays: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,6 +231,11 @@ class KojiBuild:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def aware(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC time: SQLite hands back naive ones, PostgreSQL aware."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _enable_sqlite_concurrency(dbapi_conn: Any, _record: Any) -> None:
@@ -301,7 +335,7 @@ class Store:
             row = conn.execute(tasks.select().where(tasks.c.id == task_id)).mappings().first()
         if row is None:
             return None
-        return Task(**{**row, "status": TaskStatus(row["status"])})
+        return _task(row)
 
     def move_task(
         self,
@@ -337,6 +371,146 @@ class Store:
         """Forget a task."""
         with self._tx() as conn:
             conn.execute(tasks.delete().where(tasks.c.id == task_id))
+
+    def count_tasks(self, statuses: Iterable[TaskStatus]) -> int:
+        """How many tasks are in one of ``statuses``."""
+        query = sa.select(sa.func.count()).where(tasks.c.status.in_(list(statuses)))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def count_tasks_by_status(self) -> dict[TaskStatus, int]:
+        """The number of tasks in each state (every state present, zero included)."""
+        query = sa.select(tasks.c.status, sa.func.count()).group_by(tasks.c.status)
+        counts = dict.fromkeys(TaskStatus, 0)
+        with self.engine.connect() as conn:
+            for status, count in conn.execute(query):
+                counts[TaskStatus(status)] = int(count)
+        return counts
+
+    def tasks_older_than(self, status: TaskStatus, before: datetime) -> list[Task]:
+        """Tasks in ``status`` created (or, for final states, finished) before ``before``."""
+        column = tasks.c.finished_at if status.final else tasks.c.created_at
+        query = tasks.select().where(tasks.c.status == status, column < before)
+        with self.engine.connect() as conn:
+            return [_task(row) for row in conn.execute(query).mappings()]
+
+    def delete_task_if(self, task_id: str, status: TaskStatus) -> bool:
+        """Forget a task only if it is still in ``status``; whether it was deleted."""
+        with self._tx() as conn:
+            result = conn.execute(
+                tasks.delete().where(tasks.c.id == task_id, tasks.c.status == status)
+            )
+        return result.rowcount == 1
+
+    # -- passwords ------------------------------------------------------------
+
+    def rotate_password(self, task_id: str, presented: str, following: str) -> bool:
+        """Replace the password digest ``presented`` by ``following``, atomically.
+
+        Only one of several concurrent rotations from the same password wins; the
+        others see ``False`` and may then replay (:meth:`replay_password`).
+        """
+        with self._tx() as conn:
+            result = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.password_digest == presented)
+                .values(
+                    password_digest=following,
+                    previous_digest=presented,
+                    rotated_at=_utcnow(),
+                    previous_replays=0,
+                )
+            )
+        return result.rowcount == 1
+
+    def replay_password(self, task_id: str, presented: str, since: datetime, times: int) -> bool:
+        """Accept the previous password digest again, at most ``times`` times after a
+        rotation at or after ``since``; whether it was accepted."""
+        with self._tx() as conn:
+            result = conn.execute(
+                tasks.update()
+                .where(
+                    tasks.c.id == task_id,
+                    tasks.c.previous_digest == presented,
+                    tasks.c.rotated_at >= since,
+                    tasks.c.previous_replays < times,
+                )
+                .values(previous_replays=tasks.c.previous_replays + 1)
+            )
+        return result.rowcount == 1
+
+    def count_password_failure(self, task_id: str, client: str, window_start: datetime) -> int:
+        """Count one wrong password of ``client`` for ``task_id``; return the failures in
+        the current window (one that began before ``window_start`` starts afresh)."""
+        now = _utcnow()
+        insert = _dialect_insert(self.engine)
+        table = password_failures
+        stale = table.c.window_start < window_start
+        # One upsert: concurrent workers queue on the row and never lose a count.
+        statement = (
+            insert(table)
+            .values(task_id=task_id, client=client, window_start=now, failures=1)
+            .on_conflict_do_update(
+                index_elements=[table.c.task_id, table.c.client],
+                set_={
+                    "failures": sa.case((stale, 1), else_=table.c.failures + 1),
+                    "window_start": sa.case((stale, now), else_=table.c.window_start),
+                },
+            )
+        )
+        with self._tx() as conn:
+            conn.execute(statement)
+            failures = conn.execute(
+                sa.select(table.c.failures).where(
+                    table.c.task_id == task_id, table.c.client == client
+                )
+            ).scalar_one()
+        return int(failures)
+
+    def password_failures_since(self, task_id: str, client: str, window_start: datetime) -> int:
+        """Wrong passwords of ``client`` for ``task_id`` in the window begun after
+        ``window_start``."""
+        query = sa.select(password_failures.c.failures).where(
+            password_failures.c.task_id == task_id,
+            password_failures.c.client == client,
+            password_failures.c.window_start >= window_start,
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+    def forget_password_failures(self, before: datetime) -> int:
+        """Drop failure windows begun before ``before``; how many were dropped."""
+        with self._tx() as conn:
+            result = conn.execute(
+                password_failures.delete().where(password_failures.c.window_start < before)
+            )
+        return result.rowcount
+
+    # -- uploads in flight ----------------------------------------------------
+
+    def begin_upload(self, upload_id: str, client: str, since: datetime) -> int:
+        """Record an upload from ``client``; return how many of its uploads begun at or
+        after ``since`` are in flight, this one included."""
+        with self._tx() as conn:
+            conn.execute(uploads.insert().values(id=upload_id, client=client, started_at=_utcnow()))
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        uploads.c.client == client, uploads.c.started_at >= since
+                    )
+                ).scalar_one()
+            )
+
+    def end_upload(self, upload_id: str) -> None:
+        """Forget an upload that ended, however it ended."""
+        with self._tx() as conn:
+            conn.execute(uploads.delete().where(uploads.c.id == upload_id))
+
+    def forget_uploads(self, before: datetime) -> int:
+        """Drop records of uploads begun before ``before`` (their worker died)."""
+        with self._tx() as conn:
+            result = conn.execute(uploads.delete().where(uploads.c.started_at < before))
+        return result.rowcount
 
     # -- packages and build-ids -----------------------------------------------
 
@@ -426,6 +600,29 @@ class Store:
             )
             for row in rows
         ]
+
+    def supported_releases(self) -> list[str]:
+        """Every release and architecture the mirror has binary packages for, in the
+        original's form ``fedora-40-x86_64``."""
+        query = (
+            sa.select(packages.c.os_release, packages.c.arch)
+            .where(packages.c.arch.not_in(["noarch", "src"]))
+            .distinct()
+            .order_by(packages.c.os_release, packages.c.arch)
+        )
+        with self.engine.connect() as conn:
+            return [f"{release}-{arch}" for release, arch in conn.execute(query)]
+
+    def has_build(self, name: str, version: str, release: str, arch: str) -> bool:
+        """Whether the mirror has package ``name-version-release`` for ``arch``."""
+        query = sa.select(packages.c.id).where(
+            packages.c.name == name,
+            packages.c.version == version,
+            packages.c.release == release,
+            packages.c.arch == arch,
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
 
     def find_packages(self, name: str, os_release: str, arch: str | None = None) -> list[Package]:
         """Every mirrored version of ``name`` for ``os_release``, newest import first."""
@@ -549,6 +746,17 @@ class Store:
             )
             if done.rowcount == 0:
                 conn.execute(mirror_cursors.insert().values(name=name, value=value))
+
+
+def _dialect_insert(engine: Engine) -> Any:
+    # Both dialects spell an upsert the same way, from their own module.
+    if engine.dialect.name == "postgresql":
+        return sa.dialects.postgresql.insert
+    return sa.dialects.sqlite.insert
+
+
+def _task(row: Any) -> Task:
+    return Task(**{**row, "status": TaskStatus(row["status"])})
 
 
 def _package(row: Any) -> Package:

@@ -6,114 +6,33 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import falcon
 
-from schemas.messages import AnalyzeTaskV1, Message, TaskType
-from schemas.topology import ANALYZE, Route
-from services.common import progress
-from services.common.bus import Publish, PublishError
+from schemas.messages import Message
+from schemas.topology import Route
+from services.common.bus import Publish
 from services.common.settings import Settings
 from services.common.spool import Spool
-from services.common.store import Store, TaskStatus
+from services.common.store import Store
 from services.intake import passwords
+from services.intake.catalog import CheckPackageResource, SettingsResource
+from services.intake.clients import RequireHttps
+from services.intake.create import CreateResource, disk_free
 from services.intake.errors import Refusal, render_refusal
+from services.intake.health import (
+    BrokerProbe,
+    HeartbeatResource,
+    LbHeartbeatResource,
+    VersionResource,
+)
+from services.intake.metrics import Metrics, MetricsMiddleware, MetricsResource
+from services.intake.openapi import OpenApiResource
 from services.intake.tasks import TaskResource
-from services.intake.upload import DECODERS, receive
+from services.intake.upload import MIB, FreeSpace
 
 log = logging.getLogger(__name__)
-
-MIB = 1 << 20
-
-
-class CreateResource:
-    """``POST /create``: receive a crash archive and queue its retrace."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        spool: Spool,
-        publish: Publish,
-        new_id: Callable[[], str],
-    ) -> None:
-        self._settings = settings
-        self._store = store
-        self._spool = spool
-        self._publish = publish
-        self._new_id = new_id
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        limits = self._settings.intake
-        content_type = (req.content_type or "").split(";")[0].strip().lower()
-        if content_type not in DECODERS:
-            raise Refusal(
-                415,
-                f"content type {content_type or '(none)'!r} is not supported; "
-                f"send one of {', '.join(DECODERS)}",
-            )
-        if req.content_length is None:
-            raise Refusal(411, "the upload must carry a Content-Length header")
-        if req.content_length > limits.max_packed_size_mib * MIB:
-            raise Refusal(
-                413, f"the archive is larger than the {limits.max_packed_size_mib} MiB limit"
-            )
-        task_id = self._new_id()
-        crash_dir = self._spool.create(task_id)
-        recorded = False
-        try:
-            crash = receive(
-                req.bounded_stream, content_type, crash_dir, limits.max_unpacked_size_mib * MIB
-            )
-            if crash.arch not in limits.arches:
-                raise Refusal(
-                    400,
-                    f"the core dump is for {crash.arch}; this server retraces "
-                    f"{', '.join(limits.arches)}",
-                )
-            password = passwords.new_password()
-            self._store.create_task(
-                task_id, passwords.digest(password), crash.arch, TaskType.RETRACE, progress.QUEUED
-            )
-            recorded = True
-            command = AnalyzeTaskV1(task_id=task_id, arch=crash.arch)
-            try:
-                self._publish(ANALYZE, command, crash.arch)
-            except PublishError as exc:
-                log.error("task %s not queued: %s", task_id, exc)
-                raise Refusal(
-                    503, "the task queue is unavailable; try again later", {"Retry-After": "60"}
-                ) from exc
-            self._store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
-        except BaseException:
-            req.bounded_stream.exhaust()
-            if recorded:
-                self._store.delete_task(task_id)
-            self._spool.remove(task_id)
-            raise
-        log.info("task %s created for %s (%s)", task_id, crash.package, crash.arch)
-        resp.status = falcon.HTTP_201
-        resp.set_header("X-Task-Id", task_id)
-        resp.set_header("X-Task-Password", password)
-        resp.content_type = falcon.MEDIA_TEXT
-        resp.text = ""
-
-
-class SettingsResource:
-    """``GET /settings``: limits and formats, in the original's ``key value`` lines."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-
-    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
-        limits = self._settings.intake
-        lines = {
-            "max_packed_size": limits.max_packed_size_mib,
-            "max_unpacked_size": limits.max_unpacked_size_mib,
-            "supported_formats": " ".join(DECODERS),
-        }
-        resp.content_type = falcon.MEDIA_TEXT
-        resp.text = "".join(f"{k} {v}\n" for k, v in lines.items())
 
 
 class Publishing:
@@ -133,21 +52,63 @@ def new_task_id() -> str:
     return secrets.token_urlsafe(18)
 
 
+class _Unprobed:
+    """A broker probe for an app built without one: never healthy, depth unknown."""
+
+    def check(self) -> None:
+        raise OSError("no broker probe configured")
+
+    def queue_depth(self) -> int | None:
+        return None
+
+
 def create_app(
     settings: Settings,
     store: Store,
     spool: Spool,
     publish: Publish,
     new_id: Callable[[], str] = new_task_id,
+    free_space: FreeSpace = disk_free,
+    broker: BrokerProbe | None = None,
+    metrics: Metrics | None = None,
 ) -> falcon.App[falcon.Request, falcon.Response]:
     """The intake application, wired to the collaborators it is given."""
-    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(media_type=falcon.MEDIA_TEXT)
+    limits = settings.intake
+    metrics = metrics or Metrics()
+    broker = broker or _Unprobed()
+    middleware: list[Any] = [MetricsMiddleware(metrics)]
+    if limits.require_https:
+        middleware.append(RequireHttps(limits.trusted_proxies))
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
+        media_type=falcon.MEDIA_TEXT, middleware=middleware
+    )
     app.req_options.strip_url_path_trailing_slash = True
-    app.add_error_handler(Refusal, render_refusal)
-    publishing = Publishing(publish)
-    app.add_route("/create", CreateResource(settings, store, spool, publishing, new_id))
-    app.add_route("/settings", SettingsResource(settings))
-    tasks = TaskResource(store, spool)
+
+    def refused(
+        req: falcon.Request, resp: falcon.Response, error: Refusal, params: dict[str, Any]
+    ) -> None:
+        if req.path == "/create" and req.method == "POST":
+            metrics.refused_uploads.labels(error.code).inc()
+        render_refusal(req, resp, error, params)
+
+    app.add_error_handler(Refusal, refused)
+    key = passwords.server_key(limits.password_key, spool.root)
+    metrics.watch(store, spool.root, free_space, broker.queue_depth)
+    app.add_route(
+        "/create",
+        CreateResource(settings, store, spool, Publishing(publish), new_id, free_space, metrics),
+    )
+    app.add_route("/settings", SettingsResource(limits, store))
+    app.add_route("/checkpackage", CheckPackageResource(store))
+    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/openapi.json", OpenApiResource())
+    app.add_route("/__lbheartbeat__", LbHeartbeatResource())
+    app.add_route(
+        "/__heartbeat__",
+        HeartbeatResource(store, broker, spool.root, free_space, limits.min_free_space_mib * MIB),
+    )
+    app.add_route("/__version__", VersionResource())
+    tasks = TaskResource(limits, store, spool, key)
     app.add_route("/{task_id}", tasks)
     app.add_route("/{task_id}/log", tasks, suffix="log")
     app.add_route("/{task_id}/backtrace", tasks, suffix="backtrace")

@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 
+from services.common.bus import Publisher
 from services.common.logs import setup_logging
 from services.common.settings import ConfigError, load_settings
+from services.common.spool import Spool
 from services.common.store import SchemaMismatch, Store
+from services.intake.cleanup import Cleanup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,16 +21,34 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the HTTP API under gunicorn")
     serve.add_argument("--bind", help="address:port to listen on (default 127.0.0.1:8080)")
     serve.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
+    serve.add_argument(
+        "--config",
+        help="a gunicorn config file (default: the built-in one; see deploy/gunicorn.conf.py)",
+    )
+    sub.add_parser(
+        "cleanup",
+        help="delete expired tasks, queue or remove stuck submissions, remove leftovers",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
         # Fail here, with a clear message, rather than in every gunicorn worker.
         settings = load_settings()
-        Store.from_url(settings.store_url).check_revision()
+        store = Store.from_url(settings.store_url)
+        store.check_revision()
     except (ConfigError, SchemaMismatch) as exc:
         print(f"retrace-intake: {exc}", file=sys.stderr)
         return 2
-    gunicorn_argv = ["gunicorn", "-c", "python:services.intake.gunicorn_conf"]
+    if args.command == "cleanup":
+        publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+        try:
+            report = Cleanup(settings.intake, store, Spool(settings.spool), publisher.publish).run()
+        finally:
+            publisher.close()
+        print(f"retrace-intake cleanup: {report.summary()}")
+        return 0
+    config = args.config or "python:services.intake.gunicorn_conf"
+    gunicorn_argv = ["gunicorn", "-c", config]
     if args.bind:
         gunicorn_argv += ["--bind", args.bind]
     if args.workers:

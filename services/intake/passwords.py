@@ -1,15 +1,35 @@
 """Task passwords: made from a CSPRNG, stored only as digests, compared in constant time.
 
 A fast hash is enough: the passwords are 32 random characters, not human secrets.
+
+Single-use passwords (the default, as the original feature page describes): every
+answer to a right password carries the next one, and the used one stops working.
+The next password is not random but derived, ``HMAC(server key, task id, used
+password)``, so that it can be given again:
+
+- the password just replaced is accepted once more within a short grace window, and
+  that answer carries the same next password.  A client whose answer was lost in
+  transit sends its old password again and is back in step.
+- two concurrent requests with the same password both succeed with the same next
+  password: one rotates, the other finds the rotation done and replays.
+
+Only someone who holds a valid password can learn the next one; without the server
+key, an old password that leaked (a log, a shell history) does not give the current
+one.  With ``password_mode = "static"`` a task keeps its first password.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import os
 import secrets
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 PASSWORD_LENGTH = 32
+KEY_FILE = ".password-key"
 
 
 def new_password() -> str:
@@ -22,8 +42,46 @@ def digest(password: str) -> str:
     return hashlib.sha256(password.encode()).hexdigest()
 
 
-def matches(password: str | None, stored_digest: str) -> bool:
+def matches(password: str | None, stored_digest: str | None) -> bool:
     """Whether ``password`` is the one whose digest is stored."""
-    if not password:
+    if not password or not stored_digest:
         return False
     return hmac.compare_digest(digest(password), stored_digest)
+
+
+def following(key: bytes, task_id: str, password: str) -> str:
+    """The password that replaces ``password`` of ``task_id``: always the same one."""
+    mac = hmac.new(key, f"{task_id}\0{password}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac[:24]).decode()
+
+
+def within(moment: datetime | None, seconds: float) -> bool:
+    """Whether ``moment`` is less than ``seconds`` ago."""
+    if moment is None:
+        return False
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return datetime.now(UTC) - moment < timedelta(seconds=seconds)
+
+
+def server_key(configured: str, spool: Path) -> bytes:
+    """The key next passwords are derived from: the configured one, or one made once
+    and kept in the spool, so every intake worker and host sharing it agrees."""
+    if configured:
+        return configured.encode()
+    path = spool / KEY_FILE
+    spool.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        # Written whole under a temporary name first would need a rename; one small
+        # write to a fresh file is atomic enough for readers that retry on empty.
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_hex(32).encode())
+    for _ in range(50):
+        key = path.read_bytes().strip()
+        if key:
+            return key
+        os.sched_yield()
+    raise RuntimeError(f"{path} is empty: remove it and start again")

@@ -12,6 +12,7 @@ from services.common.settings import load_settings, log_settings
 from services.common.spool import Spool
 from services.common.store import Store
 from services.intake.app import create_app
+from services.intake.health import AmqpProbe
 
 
 def build_app() -> falcon.App[falcon.Request, falcon.Response]:
@@ -23,4 +24,5 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     store.check_revision()
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     logging.getLogger(__name__).info("intake ready; spool %s", settings.spool)
-    return create_app(settings, store, Spool(settings.spool), publisher.publish)
+    probe = AmqpProbe(settings.broker.url, settings.intake.arches)
+    return create_app(settings, store, Spool(settings.spool), publisher.publish, broker=probe)

@@ -36,6 +36,9 @@ class Stack:
     port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     extra_settings: str = ""  # more TOML sections, e.g. a [mirror] pointing at a Koji stand-in
+    # Single-use task passwords: each used password -> the one the intake gave for it.
+    # request() follows the chain, so a test may keep using the first password it got.
+    rotated: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -114,10 +117,19 @@ class Stack:
         headers: dict[str, str] | None = None,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """Send one request; the answer's headers are looked up case-insensitively."""
+        headers = dict(headers or {})
+        sent = headers.get("X-Task-Password")
+        while sent in self.rotated:
+            sent = self.rotated[sent]
+        if sent is not None:
+            headers["X-Task-Password"] = sent
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=headers)
             answer = conn.getresponse()
+            following = answer.headers.get("X-Task-Password")
+            if sent and following and following != sent:
+                self.rotated[sent] = following
             return answer.status, answer.headers, answer.read()
         finally:
             conn.close()

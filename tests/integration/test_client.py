@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,13 +74,19 @@ def test_create_then_backtrace_by_task_id(
     crash = crash_fixtures.crash
     created = client(
         stack, tmp_path, "create", "--core", str(crash.coredump),
-        "--executable", crash.executable, "--package", crash.package, "--force",
+        "--executable", crash.executable, "--package", crash.package,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
     task = created.stdout.split("Task Id: ")[1].split()[0]
-    password = created.stdout.split("Task Password: ")[1].split()[0]
-    assert stack.wait_finished(task, password) == "FINISHED_SUCCESS"
-    # Another machine that knows only the id and password.
+    # Each answer carries the next single-use password; the client follows them.
+    deadline = time.monotonic() + 180
+    while (status := client(stack, tmp_path, "status", task)).stdout.startswith("PENDING"):
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.5)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("FINISHED_SUCCESS")
+    password = json.loads((tmp_path / "tasks.json").read_text())["tasks"][task]["password"]
+    # Another machine that knows only the id and the current password.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     done = client(stack, elsewhere, "backtrace", task, "--password", password)
@@ -114,7 +121,7 @@ def test_systemd_coredump_crash_through_coredumpctl(
     stand_in.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_COREDUMP_JOURNAL": str(journal)}
     done = client(
-        stack, tmp_path, "batch", "--coredumpctl", "4242", "--status-delay", "0.5", "--force",
+        stack, tmp_path, "batch", "--coredumpctl", "4242", "--status-delay", "0.5",
         env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -180,3 +187,30 @@ def test_an_unreachable_server_is_exit_code_4(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 4
     assert "cannot talk to http://127.0.0.1:9" in done.stderr
+
+
+def test_a_full_server_is_refused_before_uploading(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_broker_url: Callable[[], str],
+    crash_fixtures: Fixtures,
+    tmp_path: Path,
+) -> None:
+    full = start_stack(
+        tmp_path_factory.mktemp("full"),
+        make_broker_url(),
+        crash_fixtures,
+        overrides={"RETRACE_INTAKE__MAX_RUNNING_TASKS": "1"},
+    )
+    try:
+        analyzer = full.processes[1]
+        analyzer.terminate()  # nothing takes the first task off the queue
+        analyzer.wait(timeout=60)
+        crash = crash_fixtures.crash
+        source = ("--core", str(crash.coredump), "--executable", crash.executable)
+        first = client(full, tmp_path, "create", *source, "--package", crash.package)
+        assert first.returncode == 0, first.stderr
+        second = client(full, tmp_path, "create", *source, "--package", crash.package)
+    finally:
+        full.down()
+    assert second.returncode == 3
+    assert "the server is full (1 of 1 tasks)" in second.stderr

@@ -1,4 +1,4 @@
-"""The intake's HTTP API, with a real SQLite store and a recording publisher.
+"""The intake's HTTP API, with a real store (SQLite and PostgreSQL) and a recording publisher.
 
 The same paths run against the real broker in tests/integration/test_end_to_end.py.
 """
@@ -6,8 +6,10 @@ The same paths run against the real broker in tests/integration/test_end_to_end.
 from __future__ import annotations
 
 import io
+import json
 import struct
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from services.common.settings import Settings, load_settings
 from services.common.spool import Spool
 from services.common.store import Store, TaskStatus, tasks
 from services.intake.app import create_app
+from services.intake.create import disk_free
+from services.intake.upload import FreeSpace
 
 XZ = "application/x-xz-compressed-tar"
 
@@ -43,6 +47,11 @@ def archive(files: dict[str, bytes], mode: str = "w:xz", symlink: str | None = N
             info.linkname = "/etc/shadow"
             tar.addfile(info)
     return buf.getvalue()
+
+
+def task_dirs(spool: Path) -> list[Path]:
+    """The task folders in the spool (the spool also keeps the password key)."""
+    return [p for p in spool.iterdir() if p.is_dir()] if spool.exists() else []
 
 
 def crash_files(**overrides: bytes) -> dict[str, bytes]:
@@ -81,15 +90,34 @@ class Intake:
         )
 
 
+MakeIntake = Callable[..., Intake]
+
+
 @pytest.fixture
-def intake(tmp_path: Path) -> Intake:
-    settings = load_settings({"RETRACE_HOME": str(tmp_path)})
-    store = Store.from_url(settings.store_url)
-    store.migrate()
-    spool = Spool(settings.spool)
-    publisher = RecordingPublisher()
-    app = create_app(settings, store, spool, publisher)
-    return Intake(falcon.testing.TestClient(app), store, spool, publisher, settings)
+def make_intake(tmp_path: Path, store_url: str) -> Iterator[MakeIntake]:
+    """Builds the intake on a fresh store; keyword arguments are ``[intake]`` settings."""
+    stores: list[Store] = []
+
+    def make(free_space: FreeSpace = disk_free, **intake: object) -> Intake:
+        env = {"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url}
+        env.update({f"RETRACE_INTAKE__{k.upper()}": json.dumps(v) for k, v in intake.items()})
+        settings = load_settings(env)
+        store = Store.from_url(settings.store_url)
+        store.migrate()
+        stores.append(store)
+        spool = Spool(settings.spool)
+        publisher = RecordingPublisher()
+        app = create_app(settings, store, spool, publisher, free_space=free_space)
+        return Intake(falcon.testing.TestClient(app), store, spool, publisher, settings)
+
+    yield make
+    for store in stores:
+        store.engine.dispose()
+
+
+@pytest.fixture
+def intake(make_intake: MakeIntake) -> Intake:
+    return make_intake()
 
 
 def test_an_upload_is_unpacked_recorded_and_queued(intake: Intake) -> None:
@@ -126,18 +154,21 @@ def test_a_pending_task_reports_its_status_to_its_password_only(intake: Intake) 
         assert answer.status_code == 200
         assert answer.headers["X-Task-Status"] == "PENDING"
         assert answer.text.strip()
+        password = answer.headers["X-Task-Password"]
     wrong = intake.client.simulate_get(f"/{task_id}", headers={"X-Task-Password": "x" * 32})
     assert wrong.status_code == 403
     assert "X-Task-Status" not in wrong.headers
+    assert "X-Task-Password" not in wrong.headers
     assert intake.client.simulate_get(f"/{task_id}").status_code == 403
     unknown = intake.client.simulate_get("/nosuchtask0000", headers={"X-Task-Password": password})
     assert unknown.status_code == 404
-    backtrace = intake.client.simulate_get(
-        f"/{task_id}/backtrace", headers={"X-Task-Password": password}
-    )
-    assert backtrace.status_code == 404
-    log = intake.client.simulate_get(f"/{task_id}/log", headers={"X-Task-Password": password})
-    assert log.status_code == 404
+    # Not there yet: 404, like the original; the right password still rotates.
+    for suffix in ("backtrace", "log"):
+        answer = intake.client.simulate_get(
+            f"/{task_id}/{suffix}", headers={"X-Task-Password": password}
+        )
+        assert answer.status_code == 404
+        password = answer.headers["X-Task-Password"]
 
 
 @pytest.mark.parametrize(
@@ -160,7 +191,7 @@ def test_a_bad_upload_is_refused_naming_what_was_wrong_and_leaves_nothing(
     answer = intake.create(archive(files, symlink=symlink))
     assert answer.status_code == status
     assert says in answer.text
-    assert list(intake.spool.root.iterdir()) == []
+    assert task_dirs(intake.spool.root) == []
     assert intake.publisher.sent == []
 
 
@@ -188,7 +219,7 @@ def test_broker_down_means_503_and_no_task_left_behind(intake: Intake) -> None:
     answer = intake.create(archive(crash_files()))
     assert answer.status_code == 503
     assert answer.headers["Retry-After"]
-    assert list(intake.spool.root.iterdir()) == []
+    assert task_dirs(intake.spool.root) == []
     with intake.store.engine.connect() as conn:
         assert conn.execute(tasks.select()).all() == []
 

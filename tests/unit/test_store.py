@@ -1,5 +1,9 @@
-"""The store: migrations, the revision check, guarded task moves, the package index."""
+"""The store: migrations, the revision check, guarded task moves, the package index.
 
+Every test runs on SQLite and on PostgreSQL.
+"""
+
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,10 +21,11 @@ from services.common.store import (
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
+def store(store_url: str) -> Iterator[Store]:
+    store = Store.from_url(store_url)
     store.migrate()
-    return store
+    yield store
+    store.engine.dispose()
 
 
 def test_an_empty_database_is_refused_with_what_to_do(tmp_path: Path) -> None:

@@ -1,14 +1,14 @@
 """The Koji-driven mirror: builds, which packages each brought, and a 'last seen' cursor.
 
 Revision ID: 0100
-Revises: 0001
+Revises: 0002
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0100"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
