@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 # Debian package names of the tools the services and the fixture builder run.
 PACKAGES=(
   gdb elfutils rpm rpm2cpio cpio debugedit gcc make xz-utils curl
+  bubblewrap dwz g++
 )
 
 say() { printf '==> %s\n' "$*"; }

@@ -10,7 +10,9 @@ from types import FrameType
 import pika.exceptions
 
 from schemas.topology import ANALYZE
+from services.analyzer.retrace import sandbox_for
 from services.analyzer.rootcache import RootCache
+from services.analyzer.sandbox import SandboxUnavailable
 from services.analyzer.worker import AnalyzeHandler
 from services.common.bus import Consumer, Publisher
 from services.common.logs import setup_logging
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         log_settings(settings, "retrace-analyzer")
         store = Store.from_url(settings.store_url)
         store.check_revision()
-    except (ConfigError, SchemaMismatch) as exc:
+        sandbox_for(settings.analyzer).check()
+    except (ConfigError, SchemaMismatch, SandboxUnavailable) as exc:
         print(f"retrace-analyzer: {exc}", file=sys.stderr)
         return 2
     cache_dir = settings.resolve(settings.analyzer.cache)

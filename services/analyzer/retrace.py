@@ -11,6 +11,7 @@ from services.analyzer.coredump import CoreError, Module, read_modules
 from services.analyzer.gdb import GdbError, GdbResult, gdb_version, run_gdb
 from services.analyzer.resolve import resolve
 from services.analyzer.rootcache import RootCache
+from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
 from services.common.elf import NotACore, core_arch
@@ -57,7 +58,7 @@ def retrace(job: Job) -> Retrace:
     if not exe_in_root.is_file():
         raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
     job.set_progress(progress.BACKTRACE)
-    result = generate_backtrace(job, root, exe_in_root, core)
+    result = generate_backtrace(job, root, executable, core)
     job.set_progress(progress.CLEANUP)
     shutil.rmtree(root, ignore_errors=True)
     return Retrace(gdb=result)
@@ -117,12 +118,22 @@ def prepare_root(job: Job, packages: list[Package], root: Path) -> None:
             job.log.add(f"  {package.nevra} ({package.os_release})")
 
 
-def generate_backtrace(job: Job, root: Path, executable: Path, core: Path) -> GdbResult:
-    """Step 4: gdb's session on the core, inside the root."""
+def sandbox_for(settings: AnalyzerSettings) -> Sandbox:
+    """The sandbox gdb runs in, as the settings configure it."""
+    return Sandbox(SandboxMode(settings.sandbox), settings.gdb_memory_mib)
+
+
+def generate_backtrace(job: Job, root: Path, executable: str, core: Path) -> GdbResult:
+    """Step 4: gdb's session on the core, inside the root, inside the sandbox."""
     with job.log.step("Generating backtrace"):
         job.log.add(gdb_version(job.settings.gdb))
+        sandbox = sandbox_for(job.settings)
+        if sandbox.mode == SandboxMode.NONE:
+            job.log.warn("gdb runs unsandboxed, as this analyzer's settings choose")
         try:
-            result = run_gdb(job.settings.gdb, root, executable, core, job.settings.gdb_timeout)
+            result = run_gdb(
+                job.settings.gdb, sandbox, root, executable, core, job.settings.gdb_timeout
+            )
         except GdbError as exc:
             raise RetraceFailure(f"gdb failed: {exc}.") from exc
         for line in result.stderr.splitlines():

@@ -88,6 +88,14 @@ def _inside(root: Path, path: Path) -> bool:
     return real == str(root) or real.startswith(str(root) + os.sep)
 
 
+def _within(root: Path, link: Path, target: Path) -> Path:
+    # An absolute link means a path of the crashed machine; left absolute it would
+    # lead gdb to the analyzer host's own file of that name.
+    if not target.is_absolute():
+        return target
+    return Path(os.path.relpath(root / target.relative_to("/"), link.parent))
+
+
 def _link_tree(source: Path, root: Path, warnings: list[str], origin: str) -> None:
     real_root = Path(os.path.realpath(root))
     for dirpath, dirnames, filenames in os.walk(source):
@@ -105,7 +113,7 @@ def _link_tree(source: Path, root: Path, warnings: list[str], origin: str) -> No
             dst = target_dir / name
             if src.is_symlink():
                 if not dst.is_symlink() and not dst.exists():
-                    dst.symlink_to(src.readlink())
+                    dst.symlink_to(_within(root, dst, src.readlink()))
                 if name in dirnames:
                     dirnames.remove(name)  # its content is walked through its own package
             elif name in filenames and not dst.exists() and not dst.is_symlink():

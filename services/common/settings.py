@@ -69,6 +69,9 @@ class AnalyzerSettings(_Section):
     cache: Path = Path("var/cache/analyzer")
     gdb_timeout: int = Field(default=600, ge=1)
     gdb: str = "gdb"
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    gdb_memory_mib: int = Field(default=8192, ge=256)
+    cache_max_mib: int = Field(default=20480, ge=1)
 
 
 class MirrorSettings(_Section):
