@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -20,8 +21,9 @@ from services.analyzer.sandbox import Sandbox
 from services.common.runner import CommandError, run
 
 # The original Retrace Server's gdb session, in its order.
+MAX_FRAMES = 2048  # a thread's frames beyond these are cut, and the result says so
 COMMANDS = (
-    "thread apply all -ascending backtrace full 2048",
+    f"thread apply all -ascending backtrace full {MAX_FRAMES}",
     "info sharedlib",
     "print (char*)__abort_msg",
     "print (char*)__glib_assert_msg",
@@ -110,7 +112,9 @@ def run_gdb(
             preexec=sandbox.limits,
         )
     except CommandError as exc:
-        raise GdbError(str(exc)) from exc
+        if "timed out" in str(exc):
+            raise GdbError(f"gdb did not finish within {timeout:g} s and was killed") from exc
+        raise GdbError(f"gdb could not start ({exc})") from exc
     # gdb shows files under the sysroot; the user knows them by their installed paths.
     shown = str(inside.root)
     output = result.stdout.replace(shown, "")
@@ -118,6 +122,8 @@ def run_gdb(
     backtrace, _, location = output.partition(f"\n{MARK}\n")
     frame0 = _FRAME0.search(backtrace)
     if frame0 is None:
+        if result.returncode < 0:
+            raise GdbError(f"{_exit(result.returncode)} before it printed a backtrace")
         detail = result.stderr.strip().splitlines()[-1:] or [_exit(result.returncode)]
         raise GdbError(f"gdb produced an unusable backtrace ({detail[0]})")
     symbol = _SYMBOL.search(location.strip())
@@ -139,4 +145,9 @@ def run_gdb(
 
 
 def _exit(code: int) -> str:
-    return f"gdb was killed by signal {-code}" if code < 0 else f"exit status {code}"
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        return f"gdb was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"gdb was killed by signal {-code}"

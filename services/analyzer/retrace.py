@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.analyzer.coredump import CoreError, Module, read_modules
-from services.analyzer.gdb import GdbError, GdbResult, gdb_version, run_gdb
-from services.analyzer.resolve import resolve
+from services.analyzer.coredump import CoreError, Module, check_complete, read_modules
+from services.analyzer.gdb import MAX_FRAMES, GdbError, GdbResult, gdb_version, run_gdb
+from services.analyzer.resolve import Resolution, resolve
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
@@ -29,6 +29,7 @@ class Retrace:
     """The outcome of a successful retrace."""
 
     gdb: GdbResult
+    resolution: Resolution
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ def retrace(job: Job) -> Retrace:
     core = job.crash_dir / "coredump"
     executable = (job.crash_dir / "executable").read_text(encoding="utf-8").strip()
     job.set_progress(progress.ANALYZE)
-    arch, modules = read_core(job, core)
-    packages = find_packages(job, modules, arch)
+    arch, modules = read_core(job, core, executable)
+    resolution = find_packages(job, modules, arch)
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
-    prepare_root(job, packages, root)
+    prepare_root(job, resolution.packages, root)
     exe_in_root = root / executable.lstrip("/")
     if not exe_in_root.is_file():
         raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
@@ -61,31 +62,41 @@ def retrace(job: Job) -> Retrace:
     result = generate_backtrace(job, root, executable, core)
     job.set_progress(progress.CLEANUP)
     shutil.rmtree(root, ignore_errors=True)
-    return Retrace(gdb=result)
+    return Retrace(gdb=result, resolution=resolution)
 
 
-def read_core(job: Job, core: Path) -> tuple[str, list[Module]]:
+def read_core(job: Job, core: Path, executable: str) -> tuple[str, list[Module]]:
     """Step 1: the core's architecture and modules."""
     with job.log.step("Reading the core dump"):
         try:
             arch = core_arch(core)
         except NotACore as exc:
-            raise RetraceFailure(f"The coredump is not usable: {exc}.") from exc
+            raise RetraceFailure(f"The core dump is not usable: {exc}.") from exc
         if arch not in job.settings.arches:
             raise RetraceFailure(
                 f"The core dump is for {arch}, which this analyzer does not retrace."
             )
         try:
-            modules = read_modules(core)
+            check_complete(core)
+            modules = read_modules(core, sandbox_for(job.settings))
         except CoreError as exc:
-            raise RetraceFailure(f"{exc}.") from exc
+            raise RetraceFailure(f"{_sentence(str(exc))}.") from exc
         job.log.add(f"{len(modules)} modules, architecture {arch}")
-    if not any(m.build_id for m in modules):
+    if not any(m.build_id for m in modules if not m.is_vdso):
         raise RetraceFailure("The core dump carries no build-ids, so no package can be matched.")
+    if executable not in {m.name for m in modules}:
+        raise RetraceFailure(
+            f"The core dump does not contain the executable {executable}: "
+            "it was not written by that program."
+        )
     return arch, modules
 
 
-def find_packages(job: Job, modules: list[Module], arch: str) -> list[Package]:
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     """Step 2: the packages that serve the core's modules, with what is missing logged."""
     with job.log.step("Finding packages by build-id"):
         resolution = resolve(job.store, modules, arch)
@@ -103,7 +114,7 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> list[Package]:
             job.log.warn(f"no debuginfo for {module.name} ({module.build_id})")
     if not resolution.packages:
         raise RetraceFailure("None of the core's build-ids is in the mirror's index.")
-    return resolution.packages
+    return resolution
 
 
 def prepare_root(job: Job, packages: list[Package], root: Path) -> None:
@@ -139,4 +150,12 @@ def generate_backtrace(job: Job, root: Path, executable: str, core: Path) -> Gdb
         for line in result.stderr.splitlines():
             if line.strip():
                 job.log.add(f"gdb: {line}")
+        for thread in result.report.get("threads", []):
+            if thread.get("truncated"):
+                job.log.warn(
+                    f"thread {thread.get('number')} has more than {MAX_FRAMES} frames; "
+                    f"the backtrace shows the innermost {MAX_FRAMES}"
+                )
+        if not result.report:
+            job.log.warn("gdb's frame report is missing: backtrace.json lists no frames")
     return result

@@ -16,6 +16,8 @@ in the settings; the analyzer never drops the sandbox on its own.
 from __future__ import annotations
 
 import resource
+import shutil
+import struct
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -26,6 +28,9 @@ from services.common.runner import CommandError, run
 ROOT = Path("/retrace/root")
 CORE = Path("/retrace/core")
 SCRIPT_DIR = Path("/retrace/lib")
+# Where a host tool that must not see the host's files by a core's paths finds /usr.
+HOST_USR = Path("/retrace/host/usr")
+PT_INTERP = 3
 # An unprivileged uid and gid inside the user namespace: "nobody".
 UID = GID = 65534
 # The sandbox's own private /tmp (a fresh tmpfs), not the host's.
@@ -73,6 +78,11 @@ class Sandbox:
         if self.mode == SandboxMode.NONE:
             return argv
         inside = self.placement(root, core, script)
+        # A gdb installed outside /usr (an operator's own build) is bound read-only too.
+        program = Path(argv[0])
+        own = ["--ro-bind", str(program), str(program)]
+        if not program.is_absolute() or program.is_relative_to("/usr"):
+            own = []
         return [
             self.bwrap,
             "--unshare-all",  # pid, net, ipc, uts and cgroup namespaces
@@ -101,11 +111,47 @@ class Sandbox:
             "--ro-bind", str(root), str(inside.root),
             "--ro-bind", str(core), str(inside.core),
             "--ro-bind", str(script), str(inside.script),
+            *own,
             "--remount-ro", "/",
             "--chdir", PRIVATE_TMP,
             "--",
             *argv,
         ]  # fmt: skip
+
+    def wrap_tool(self, tool: str, args: list[str], core: Path) -> tuple[list[str], Path]:
+        """A host tool reading only ``core``: no path the core names resolves to a host file.
+
+        The host's ``/usr`` is mounted away from ``/usr`` and the tool is started
+        through its dynamic loader, so a core that records ``/usr/lib64/libc.so.6``
+        never leads the tool to the analyzer host's libc.  Returns the command and
+        the core's path as the tool sees it.
+        """
+        program = Path(shutil.which(tool) or tool).resolve()
+        if self.mode == SandboxMode.NONE:
+            return [str(program), *args], core
+        loader = _interpreter(program).resolve()
+        if not (program.is_relative_to("/usr") and loader.is_relative_to("/usr")):
+            raise SandboxUnavailable(f"{program} or its loader {loader} is not under /usr")
+
+        def moved(path: Path) -> str:
+            return str(HOST_USR / path.relative_to("/usr"))
+
+        argv = [
+            self.bwrap,
+            "--unshare-all", "--unshare-user",
+            "--uid", str(UID), "--gid", str(GID),
+            "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--clearenv", "--setenv", "LC_ALL", "C",
+            "--ro-bind", "/usr", str(HOST_USR),
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", str(TMP_SIZE), "--tmpfs", PRIVATE_TMP,
+            "--ro-bind", str(core), str(CORE),
+            "--remount-ro", "/",
+            "--",
+            moved(loader), "--library-path", moved(loader.parent), moved(program),
+            *args,
+        ]  # fmt: skip
+        return argv, CORE
 
     def limits(self) -> None:
         """Resource limits, applied in the child between fork and exec."""
@@ -127,3 +173,20 @@ class Sandbox:
                 'namespaces, or set [analyzer] sandbox = "none" to run gdb unconfined '
                 "knowingly"
             ) from exc
+
+
+def _interpreter(program: Path) -> Path:
+    """The dynamic loader an ELF program names (its ``PT_INTERP``)."""
+    data = program.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise SandboxUnavailable(f"{program} is not a 64-bit ELF program")
+    order = "<" if data[5] == 1 else ">"
+    (phoff,) = struct.unpack_from(order + "Q", data, 32)
+    phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
+    for index in range(phnum):
+        p_type, _flags, offset, _vaddr, _paddr, size = struct.unpack_from(
+            order + "IIQQQQ", data, phoff + index * phentsize
+        )
+        if p_type == PT_INTERP:
+            return Path(data[offset : offset + size].rstrip(b"\0").decode())
+    raise SandboxUnavailable(f"{program} names no dynamic loader")

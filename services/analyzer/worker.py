@@ -9,6 +9,7 @@ from pathlib import Path
 
 from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, TaskType
 from schemas.topology import TASK_FINISHED
+from services.analyzer.results import BACKTRACE_JSON, backtrace_json
 from services.analyzer.retrace import Job, Retrace, RetraceFailure, retrace
 from services.analyzer.rootcache import RootCache
 from services.analyzer.tasklog import TaskLog
@@ -81,6 +82,7 @@ class AnalyzeHandler:
         if isinstance(outcome, Retrace):
             status, text = TaskStatus.SUCCESS, progress.SUCCESS
             files[BACKTRACE] = outcome.gdb.backtrace
+            files[BACKTRACE_JSON] = backtrace_json(task_id, outcome)
             tasklog.add("Retrace finished successfully.")
             event = TaskFinishedV1(
                 task_id=task_id,

@@ -1,0 +1,227 @@
+"""The analyzer's results and failures, on real cores, with the real services running.
+
+Broken crashes are put straight into the store and the spool and their command
+published straight onto the analyzer's queue, as a client could never send them
+through the intake: the analyzer must stand on its own checks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas.messages import AnalyzeTaskV1
+from schemas.topology import ANALYZE
+from services.common.bus import Publisher
+from services.common.runner import run
+from services.common.store import Store, TaskStatus
+from tests.fixtures.build import Fixtures
+from tests.integration.stack import Stack
+from tests.integration.test_end_to_end import start_stack, submit
+
+pytestmark = pytest.mark.integration
+
+PATCHED_BUILD_ID_NOTE = (
+    bytes.fromhex("040000001400000003000000474e5500"),  # namesz 4, descsz 20, NT_GNU_BUILD_ID
+    bytes.fromhex("040000001400000099000000474e5500"),  # the same note, of an unknown type
+)
+
+
+class Analyzer:
+    """Puts a problem directory into a running stack's spool and store, as the intake would."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
+        self.spool = stack.home / "var" / "spool"
+
+    def inject(self, problem_dir: Path, task_id: str, arch: str = "x86_64") -> str:
+        crash = self.spool / task_id / "crash"
+        shutil.copytree(problem_dir, crash)
+        self.store.create_task(task_id, "not-a-password", arch, "retrace", "queued")
+        assert self.store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+        publisher = Publisher(self.stack.broker_url)
+        try:
+            publisher.publish(ANALYZE, AnalyzeTaskV1(task_id=task_id, arch=arch), arch)
+        finally:
+            publisher.close()
+        return task_id
+
+    def wait(self, task_id: str, timeout: float = 120) -> TaskStatus:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.store.get_task(task_id)
+            assert task is not None
+            if task.status.final:
+                return task.status
+            time.sleep(0.3)
+        raise AssertionError(f"task {task_id} did not finish\n{self.stack.logs()}")
+
+    def result(self, task_id: str, name: str) -> str:
+        return (self.spool / task_id / "results" / name).read_text()
+
+    def reason(self, task_id: str) -> str:
+        """The log's last line, without its time stamp."""
+        return self.result(task_id, "log").strip().splitlines()[-1].split(" ", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_broker_url: Callable[[], str],
+    crash_fixtures: Fixtures,
+) -> Iterator[Stack]:
+    stack = start_stack(tmp_path_factory.mktemp("analyzer"), make_broker_url(), crash_fixtures)
+    yield stack
+    stack.down()
+
+
+@pytest.fixture(scope="module")
+def analyzer(stack: Stack) -> Analyzer:
+    return Analyzer(stack)
+
+
+@pytest.fixture
+def broken(crash_fixtures: Fixtures, tmp_path: Path) -> Path:
+    """A copy of the real problem directory, for a test to damage."""
+    problem = tmp_path / "problem"
+    shutil.copytree(crash_fixtures.crash.problem_dir, problem)
+    return problem
+
+
+def test_backtrace_json_names_every_frame_and_module(
+    stack: Stack, analyzer: Analyzer, crash_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    crash = crash_fixtures.crash
+    task_id, password = submit(stack, crash_fixtures, tmp_path)
+    assert stack.wait_finished(task_id, password) == "FINISHED_SUCCESS", stack.logs()
+    report = json.loads(analyzer.result(task_id, "backtrace.json"))
+
+    assert report["signal"] == {"number": 11, "name": crash.signal}
+    crashing = [t for t in report["threads"] if t["crashing"]]
+    assert len(crashing) == 1
+    assert crashing[0]["number"] == report["crashing_thread"]
+    assert not crashing[0]["truncated"]
+    frames = crashing[0]["frames"]
+    by_path = {m.path: m for m in crash.modules}
+    library = by_path["/usr/lib64/libcrasher.so.1"]
+    top = frames[0]
+    assert top["function"] == crash.function
+    assert (top["file"], top["line"]) == (crash.source_file, crash.line)
+    assert top["module"] == "/usr/lib64/libcrasher.so.1"
+    assert top["build_id"] == library.build_id
+    assert top["symbolized"] is True
+    start = next(m["start"] for m in report["modules"] if m["path"] == top["module"])
+    assert int(top["offset"], 16) == int(top["address"], 16) - int(start, 16)
+    assert [f["function"] for f in frames[-len(crash.frames) + 2 :]] == [
+        f.function for f in crash.frames[2:]
+    ]
+    assert frames[-1]["module"] == crash.executable
+    assert any(f["function"] == "msort_with_tmp" and f["symbolized"] for f in frames)
+    assert report["crash_function"] == crash.function
+
+    modules = {m["path"]: m for m in report["modules"]}
+    glibc = crash_fixtures.rpm("glibc")
+    libc = modules["/usr/lib64/libc.so.6"]
+    assert libc["found"]
+    assert libc["debuginfo_found"]
+    assert libc["package"] == glibc.nevra
+    assert libc["debuginfo_package"] == crash_fixtures.rpm("glibc-debuginfo").nevra
+    vdso = next(m for m in report["modules"] if m["vdso"])
+    assert vdso["package"] is None
+
+    log = analyzer.result(task_id, "log")
+    assert "GNU gdb" in log
+    assert f"  {glibc.nevra} (" in log
+    assert "Generating backtrace: " in log
+
+
+def test_a_truncated_core_fails_with_the_reason(analyzer: Analyzer, broken: Path) -> None:
+    core = broken / "coredump"
+    core.write_bytes(core.read_bytes()[: 64 * 1024])
+    task_id = analyzer.inject(broken, "truncated-core")
+    assert analyzer.wait(task_id) == TaskStatus.FAILURE
+    assert "The core dump is truncated: it has 65536 bytes of the" in analyzer.reason(task_id)
+
+
+def test_a_core_of_another_architecture_fails_before_any_work(
+    analyzer: Analyzer, broken: Path
+) -> None:
+    core = broken / "coredump"
+    data = bytearray(core.read_bytes())
+    data[18:20] = (183).to_bytes(2, "little")  # EM_AARCH64
+    core.write_bytes(bytes(data))
+    task_id = analyzer.inject(broken, "aarch64-core")
+    assert analyzer.wait(task_id) == TaskStatus.FAILURE
+    reason = analyzer.reason(task_id)
+    assert "The core dump is for aarch64, which this analyzer does not retrace." in reason
+    assert "Finding packages" not in analyzer.result(task_id, "log")
+
+
+def test_an_executable_the_core_does_not_contain_fails(analyzer: Analyzer, broken: Path) -> None:
+    (broken / "executable").write_text("/usr/bin/not-the-crasher")
+    task_id = analyzer.inject(broken, "wrong-executable")
+    assert analyzer.wait(task_id) == TaskStatus.FAILURE
+    assert "does not contain the executable /usr/bin/not-the-crasher" in analyzer.reason(task_id)
+
+
+def test_a_core_without_build_ids_fails(analyzer: Analyzer, broken: Path) -> None:
+    core = broken / "coredump"
+    data = core.read_bytes()
+    assert PATCHED_BUILD_ID_NOTE[0] in data
+    core.write_bytes(data.replace(*PATCHED_BUILD_ID_NOTE))
+    task_id = analyzer.inject(broken, "no-build-ids")
+    assert analyzer.wait(task_id) == TaskStatus.FAILURE
+    assert "carries no build-ids" in analyzer.reason(task_id)
+
+
+def test_a_hanging_gdb_is_killed_at_the_timeout(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_broker_url: Callable[[], str],
+    crash_fixtures: Fixtures,
+    broken: Path,
+) -> None:
+    home = tmp_path_factory.mktemp("hang")
+    hanging = home / "bin" / "gdb"
+    hanging.parent.mkdir()
+    # Answers --version like gdb, then hangs with a child, as a gdb stuck in a loop would.
+    hanging.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo "GNU gdb (hangs) 0"; exit 0; }\n'
+        "sleep 341 &\nsleep 342\n"
+    )
+    hanging.chmod(0o755)
+    stack = HangingStack(home, make_broker_url(), gdb=str(hanging))
+    stack.up()
+    try:
+        rpms = [str(r.path) for r in crash_fixtures.rpms]
+        assert stack.command("retrace-mirror", "import", *rpms).returncode == 0
+        analyzer = Analyzer(stack)
+        task_id = analyzer.inject(broken, "hanging-gdb")
+        assert analyzer.wait(task_id) == TaskStatus.FAILURE
+        assert analyzer.reason(task_id) == (
+            "Retrace failed: gdb failed: gdb did not finish within 3 s and was killed."
+        )
+    finally:
+        stack.down()
+    assert run(["pgrep", "-f", "sleep 34[12]"], timeout=10, check=False).stdout == ""
+
+
+class HangingStack(Stack):
+    """A stack whose analyzer runs the given gdb with a short timeout."""
+
+    def __init__(self, home: Path, broker_url: str, gdb: str) -> None:
+        super().__init__(home, broker_url)
+        self.gdb = gdb
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **super().env,
+            "RETRACE_ANALYZER__GDB": self.gdb,
+            "RETRACE_ANALYZER__GDB_TIMEOUT": "3",
+        }
