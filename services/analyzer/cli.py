@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from types import FrameType
@@ -10,15 +11,18 @@ from types import FrameType
 import pika.exceptions
 
 from schemas.topology import ANALYZE
+from services.analyzer.deadletters import DeadLetterConsumer, DeadLetterHandler
 from services.analyzer.retrace import sandbox_for
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import SandboxUnavailable
 from services.analyzer.worker import AnalyzeHandler
-from services.common.bus import Consumer, Publisher
+from services.common.bus import Consumer, Publisher, policy_problem
 from services.common.logs import setup_logging
 from services.common.settings import ConfigError, load_settings, log_settings
 from services.common.spool import Spool
 from services.common.store import SchemaMismatch, Store
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SchemaMismatch, SandboxUnavailable) as exc:
         print(f"retrace-analyzer: {exc}", file=sys.stderr)
         return 2
+    problem = policy_problem(settings.broker.management_url, settings.broker.url)
+    if problem:
+        log.warning("%s", problem)
     cache_dir = settings.resolve(settings.analyzer.cache)
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     handler = AnalyzeHandler(
@@ -48,17 +55,27 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir / "work",
     )
     consumer = Consumer(settings.broker.url, settings.broker.heartbeat, settings.analyzer.arches)
+    dead_publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    dead_letters = DeadLetterConsumer(
+        settings.broker.url,
+        settings.broker.heartbeat,
+        settings.analyzer.arches,
+        DeadLetterHandler(store, Spool(settings.spool), dead_publisher.publish),
+    )
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         consumer.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    dead_letters.start()
     try:
         consumer.run(ANALYZE, handler)
     except pika.exceptions.AMQPConnectionError as exc:
         print(f"retrace-analyzer: cannot reach the broker: {exc!r}", file=sys.stderr)
         return 1
     finally:
+        dead_letters.stop()
+        dead_publisher.close()
         publisher.close()
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -53,7 +55,10 @@ class AnalyzeHandler:
             log.info("task %s is finished, deleted or unknown; nothing to do", task_id)
             return
         tasklog = TaskLog(task_id)
-        tasklog.add(f"Retrace of task {task_id} ({command.arch})")
+        tasklog.add(
+            f"Retrace of task {task_id} ({command.arch}) by analyzer "
+            f"{socket.gethostname()}:{os.getpid()}"
+        )
         self._work_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix=f"{task_id}-", dir=self._work_root))
         outcome: Retrace | RetraceFailure

@@ -51,6 +51,8 @@ class BrokerSettings(_Section):
 
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
     heartbeat: int = Field(default=60, ge=1, le=600)
+    management_url: str = "http://127.0.0.1:15672"
+    delivery_limit: int = Field(default=3, ge=0)
 
 
 class IntakeSettings(_Section):
