@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.analyzer,
         store,
         Spool(settings.spool),
-        RootCache(cache_dir, settings.repo),
+        RootCache(cache_dir, settings.repo, settings.analyzer.cache_max_mib << 20),
         publisher.publish,
         cache_dir / "work",
     )

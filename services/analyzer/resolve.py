@@ -40,7 +40,9 @@ class Resolution:
                     seen.setdefault(package.id, package)
         for package in self.extra:
             seen.setdefault(package.id, package)
-        return sorted(seen.values(), key=lambda p: (p.nevra.name, p.id))
+        # gdb prints no source text here: debugsource packages would only cost unpacking.
+        wanted = (p for p in seen.values() if not p.nevra.name.endswith("-debugsource"))
+        return sorted(wanted, key=lambda p: (p.nevra.name, p.id))
 
     @property
     def missing_debug(self) -> list[Module]:

@@ -54,14 +54,15 @@ def retrace(job: Job) -> Retrace:
     resolution = find_packages(job, modules, arch)
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
-    prepare_root(job, resolution.packages, root)
-    exe_in_root = root / executable.lstrip("/")
-    if not exe_in_root.is_file():
-        raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
-    job.set_progress(progress.BACKTRACE)
-    result = generate_backtrace(job, root, executable, core)
-    job.set_progress(progress.CLEANUP)
-    shutil.rmtree(root, ignore_errors=True)
+    with job.cache.lease(resolution.packages):
+        prepare_root(job, resolution.packages, root)
+        exe_in_root = root / executable.lstrip("/")
+        if not exe_in_root.is_file():
+            raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
+        job.set_progress(progress.BACKTRACE)
+        result = generate_backtrace(job, root, executable, core)
+        job.set_progress(progress.CLEANUP)
+        shutil.rmtree(root, ignore_errors=True)
     return Retrace(gdb=result, resolution=resolution)
 
 

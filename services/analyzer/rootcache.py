@@ -3,6 +3,10 @@
 Each RPM is unpacked once, into ``<cache>/rpms/<sha256>/``, keyed by its content.
 A task's root is then a tree of hard links into those folders: nothing is
 decompressed twice, and assembling a root seen before costs only the links.
+
+The cache has a size bound.  A task holds a shared lock on each entry it uses
+(:meth:`RootCache.lease`); beyond the bound, the least recently used entries that
+no task holds are removed.  Every process on the host follows the same locks.
 """
 
 from __future__ import annotations
@@ -23,15 +27,78 @@ log = logging.getLogger(__name__)
 
 UNPACK_TIMEOUT = 600
 COMPLETE = ".complete"
+SIZE = ".size"
 
 
 class RootCache:
     """Unpacked RPMs on this host, shared by every analyzer process here."""
 
-    def __init__(self, cache_dir: Path, repo: Path) -> None:
+    def __init__(self, cache_dir: Path, repo: Path, max_bytes: int | None = None) -> None:
         self._rpms = cache_dir / "rpms"
         self._repo = repo
+        self._max_bytes = max_bytes
         self._rpms.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def lease(self, packages: list[Package]) -> Iterator[None]:
+        """Hold ``packages``' entries in use: eviction skips them until the block ends."""
+        handles = []
+        try:
+            for key in sorted({p.sha256 for p in packages}):
+                handle = (self._rpms / f".{key}.use").open("a")
+                handles.append(handle)
+                fcntl.flock(handle, fcntl.LOCK_SH)
+            yield
+        finally:
+            for handle in handles:
+                handle.close()
+
+    def size(self) -> int:
+        """Bytes held by the complete entries, as measured when each was unpacked."""
+        return sum(size for _, size, _ in self._entries())
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        entries = []
+        for entry in self._rpms.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                used = (entry / COMPLETE).stat().st_mtime
+                size = int((entry / SIZE).read_text())
+            except (OSError, ValueError):
+                continue
+            entries.append((used, size, entry))
+        return sorted(entries)
+
+    def evict(self) -> list[str]:
+        """Remove least recently used entries no task holds until the cache fits its bound.
+
+        Returns the removed entries' keys.
+        """
+        if self._max_bytes is None:
+            return []
+        removed: list[str] = []
+        with (self._rpms / ".evict.lock").open("w") as evicting:
+            fcntl.flock(evicting, fcntl.LOCK_EX)
+            entries = self._entries()
+            total = sum(size for _, size, _ in entries)
+            for _, size, entry in entries:
+                if total <= self._max_bytes:
+                    break
+                with (self._rpms / f".{entry.name}.use").open("a") as use:
+                    try:
+                        fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a running task uses it
+                    doomed = self._rpms / f".evicted-{entry.name}"
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    entry.replace(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+                total -= size
+                removed.append(entry.name)
+        for key in removed:
+            log.info("evicted %s from the root cache", key)
+        return removed
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
@@ -47,6 +114,7 @@ class RootCache:
         """
         final = self._rpms / package.sha256
         if (final / COMPLETE).exists():
+            (final / COMPLETE).touch()  # its last use, for eviction
             return final, False
         with self._locked(package.sha256):
             if (final / COMPLETE).exists():
@@ -61,6 +129,7 @@ class RootCache:
                     timeout=UNPACK_TIMEOUT,
                     cwd=tree,
                 )
+                (staging / SIZE).write_text(str(_tree_size(tree)))
                 (staging / COMPLETE).touch()
                 if final.exists():  # left by an interrupted unpack
                     shutil.rmtree(final)
@@ -77,10 +146,22 @@ class RootCache:
         """
         warnings: list[str] = []
         root.mkdir(parents=True, exist_ok=True)
+        unpacked_any = False
         for package in packages:
-            tree, _ = self.unpacked(package)
+            tree, fresh = self.unpacked(package)
+            unpacked_any |= fresh
             _link_tree(tree / "tree", root, warnings, str(package.nevra))
+        if unpacked_any:
+            self.evict()
         return warnings
+
+
+def _tree_size(tree: Path) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(tree):
+        for name in filenames:
+            total += (Path(dirpath) / name).lstat().st_size
+    return total
 
 
 def _inside(root: Path, path: Path) -> bool:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.analyzer.coredump import Module
+from services.analyzer.resolve import Resolution, Served
 from services.analyzer.rootcache import _link_tree
+from services.common.store import Nevra, Package
 
 
 def test_absolute_links_stay_inside_the_root(tmp_path: Path) -> None:
@@ -19,3 +22,15 @@ def test_absolute_links_stay_inside_the_root(tmp_path: Path) -> None:
     assert not link.readlink().is_absolute()
     assert link.read_text() == "the crashed machine's library"
     assert warnings == []
+
+
+def test_debugsource_packages_stay_out_of_roots() -> None:
+    def pkg(number: int, name: str) -> Package:
+        return Package(number, Nevra(name, 0, "1", "1", "x86_64"), "f40", f"{name}.rpm", "0", 1)
+
+    module = Module(0, 1, "ab", "/usr/bin/crasher")
+    resolution = Resolution(
+        served=[Served(module, pkg(1, "crasher"), pkg(2, "crasher-debuginfo"))],
+        extra=[pkg(3, "crasher-debugsource")],
+    )
+    assert [p.nevra.name for p in resolution.packages] == ["crasher", "crasher-debuginfo"]
