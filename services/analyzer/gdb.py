@@ -66,11 +66,16 @@ def gdb_version(gdb: str) -> str:
     return run([gdb, "--version"], timeout=30).stdout.splitlines()[0]
 
 
-def gdb_argv(gdb: str, root: Path, executable: Path, core: Path, script: Path) -> list[str]:
-    """The gdb command line for a retrace in ``root`` (paths as gdb sees them)."""
+def gdb_argv(
+    gdb: str, root: Path, executable: Path, core: Path, script: Path, *, interactive: bool = False
+) -> list[str]:
+    """The gdb command line for a retrace in ``root`` (paths as gdb sees them).
+
+    ``interactive`` leaves out the retrace's commands, for a person at a terminal.
+    """
     argv = [
         gdb,
-        "-batch",
+        "-quiet" if interactive else "-batch",
         "-nx",
         "-iex", "set debuginfod enabled off",
         "-iex", f"set sysroot {root}",
@@ -81,6 +86,8 @@ def gdb_argv(gdb: str, root: Path, executable: Path, core: Path, script: Path) -
         "-iex", "set width 0",
         "-iex", "set height 0",
     ]  # fmt: skip
+    if interactive:
+        return [*argv, "--", str(executable), str(core)]
     for command in COMMANDS:
         argv += ["-ex", command]
     argv += ["-ex", f"echo \\n{MARK}\\n", "-ex", "info symbol $pc"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.analyzer.coredump import CoreError, Module, check_complete, read_modules
+from services.analyzer.debugshell import write_manifest
 from services.analyzer.gdb import MAX_FRAMES, GdbError, GdbResult, gdb_version, run_gdb
 from services.analyzer.resolve import Resolution, resolve
 from services.analyzer.rootcache import RootCache
@@ -43,6 +44,8 @@ class Job:
     settings: AnalyzerSettings
     log: TaskLog
     set_progress: Callable[[str], None]
+    # Where a debug task keeps its exact package set (None for other tasks).
+    manifest: Path | None = None
 
 
 def retrace(job: Job) -> Retrace:
@@ -52,6 +55,9 @@ def retrace(job: Job) -> Retrace:
     job.set_progress(progress.ANALYZE)
     arch, modules = read_core(job, core, executable)
     resolution = find_packages(job, modules, arch)
+    if job.manifest is not None:
+        write_manifest(job.manifest, executable, arch, resolution.packages)
+        job.log.add(f"The package set is kept for 'retrace-analyzer shell' in {job.manifest.name}")
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
     with job.cache.lease(resolution.packages):

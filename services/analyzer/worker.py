@@ -11,6 +11,7 @@ from pathlib import Path
 
 from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, TaskType
 from schemas.topology import TASK_FINISHED
+from services.analyzer.debugshell import MANIFEST
 from services.analyzer.results import BACKTRACE_JSON, backtrace_json
 from services.analyzer.retrace import Job, Retrace, RetraceFailure, retrace
 from services.analyzer.rootcache import RootCache
@@ -71,6 +72,11 @@ class AnalyzeHandler:
                 settings=self._settings,
                 log=tasklog,
                 set_progress=lambda text: self._store.set_progress(task_id, text),
+                manifest=(
+                    self._spool.task_dir(task_id) / MANIFEST
+                    if command.task_type == TaskType.DEBUG
+                    else None
+                ),
             )
             outcome = retrace(job)
         except RetraceFailure as failure:

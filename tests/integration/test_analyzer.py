@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from schemas.messages import AnalyzeTaskV1
+from schemas.messages import AnalyzeTaskV1, TaskType
 from schemas.topology import ANALYZE
 from services.common.bus import Publisher
 from services.common.runner import run
 from services.common.store import Store, TaskStatus
 from tests.fixtures.build import Fixtures
-from tests.integration.stack import Stack
+from tests.integration.stack import BIN, Stack
 from tests.integration.test_end_to_end import start_stack, submit
 
 pytestmark = pytest.mark.integration
@@ -40,14 +41,21 @@ class Analyzer:
         self.store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
         self.spool = stack.home / "var" / "spool"
 
-    def inject(self, problem_dir: Path, task_id: str, arch: str = "x86_64") -> str:
+    def inject(
+        self,
+        problem_dir: Path,
+        task_id: str,
+        arch: str = "x86_64",
+        task_type: TaskType = TaskType.RETRACE,
+    ) -> str:
         crash = self.spool / task_id / "crash"
         shutil.copytree(problem_dir, crash)
-        self.store.create_task(task_id, "not-a-password", arch, "retrace", "queued")
+        self.store.create_task(task_id, "not-a-password", arch, task_type, "queued")
         assert self.store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
         publisher = Publisher(self.stack.broker_url)
+        command = AnalyzeTaskV1(task_id=task_id, arch=arch, task_type=task_type)
         try:
-            publisher.publish(ANALYZE, AnalyzeTaskV1(task_id=task_id, arch=arch), arch)
+            publisher.publish(ANALYZE, command, arch)
         finally:
             publisher.close()
         return task_id
@@ -139,6 +147,32 @@ def test_backtrace_json_names_every_frame_and_module(
     assert "GNU gdb" in log
     assert f"  {glibc.nevra} (" in log
     assert "Generating backtrace: " in log
+
+
+def test_a_debug_task_keeps_its_core_and_reopens_in_an_interactive_gdb(
+    stack: Stack, analyzer: Analyzer, crash_fixtures: Fixtures
+) -> None:
+    crash = crash_fixtures.crash
+    task_id = analyzer.inject(crash.problem_dir, "debug-task", task_type=TaskType.DEBUG)
+    assert analyzer.wait(task_id) == TaskStatus.SUCCESS
+    task_dir = analyzer.spool / task_id
+    assert (task_dir / "crash" / "coredump").is_file()
+    manifest = json.loads((task_dir / "debug-manifest.json").read_text())
+    assert crash_fixtures.rpm("glibc-debuginfo").nevra in {p["nevra"] for p in manifest["packages"]}
+
+    session = subprocess.run(
+        [str(BIN / "retrace-analyzer"), "shell", task_id],
+        input="bt 1\nquit\n",
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert session.returncode == 0, session.stderr
+    assert f"in {crash.function} (" in session.stdout
+    assert f"at {crash.source_file}:{crash.line}" in session.stdout
+    assert not list((stack.home / "var/cache/analyzer/work").glob("shell-*"))
 
 
 def test_a_truncated_core_fails_with_the_reason(analyzer: Analyzer, broken: Path) -> None:
