@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.analyzer.coredump import CoreError, Module, check_complete, read_modules
 from services.analyzer.debugshell import write_manifest
+from services.analyzer.dwz import find_dwz_package, read_altlink
 from services.analyzer.gdb import MAX_FRAMES, GdbError, GdbResult, gdb_version, run_gdb
 from services.analyzer.resolve import Resolution, resolve
 from services.analyzer.rootcache import RootCache
@@ -60,8 +62,13 @@ def retrace(job: Job) -> Retrace:
         job.log.add(f"The package set is kept for 'retrace-analyzer shell' in {job.manifest.name}")
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
-    with job.cache.lease(resolution.packages):
+    with ExitStack() as leases:
+        leases.enter_context(job.cache.lease(resolution.packages))
         prepare_root(job, resolution.packages, root)
+        shared = find_shared_dwarf(job, resolution, root)
+        if shared:
+            leases.enter_context(job.cache.lease(shared))
+            prepare_root(job, shared, root)
         exe_in_root = root / executable.lstrip("/")
         if not exe_in_root.is_file():
             raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
@@ -122,6 +129,34 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     if not resolution.packages:
         raise RetraceFailure("None of the core's build-ids is in the mirror's index.")
     return resolution
+
+
+def find_shared_dwarf(job: Job, resolution: Resolution, root: Path) -> list[Package]:
+    """Step 3b: the packages of the ``.dwz`` files the root's debug files point to."""
+    with job.log.step("Finding shared DWARF (.gnu_debugaltlink)"):
+        added: list[Package] = []
+        have = {p.id for p in resolution.packages}
+        for served in resolution.served:
+            build_id = served.module.build_id
+            if served.debug is None or build_id is None:
+                continue
+            debug_file = root / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+            link = read_altlink(debug_file)
+            if link is None:
+                continue
+            if resolution.os_release is None:
+                continue
+            package, how = find_dwz_package(job.store, link, resolution.os_release)
+            name = Path(link.path).name
+            if package is None:
+                job.log.warn(f"shared DWARF .dwz/{name} of {served.module.name} not found: {how}")
+                continue
+            if package.id not in have:
+                have.add(package.id)
+                added.append(package)
+                resolution.extra.append(package)
+            job.log.add(f"  .dwz/{name} [{link.build_id}]: {package.nevra}, found {how}")
+    return added
 
 
 def prepare_root(job: Job, packages: list[Package], root: Path) -> None:

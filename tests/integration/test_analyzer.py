@@ -8,6 +8,7 @@ through the intake: the analyzer must stand on its own checks.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -173,6 +174,28 @@ def test_a_debug_task_keeps_its_core_and_reopens_in_an_interactive_gdb(
     assert f"in {crash.function} (" in session.stdout
     assert f"at {crash.source_file}:{crash.line}" in session.stdout
     assert not list((stack.home / "var/cache/analyzer/work").glob("shell-*"))
+
+
+def test_shared_dwarf_in_a_dwz_file_is_found_through_gnu_debugaltlink(
+    analyzer: Analyzer, crash_fixtures: Fixtures
+) -> None:
+    crash = crash_fixtures.extra("dwz-in-lib")
+    task_id = analyzer.inject(crash.problem_dir, "dwz-in-lib")
+    assert analyzer.wait(task_id) == TaskStatus.SUCCESS, analyzer.stack.logs()
+    backtrace = analyzer.result(task_id, "backtrace")
+    frame0 = next(line for line in backtrace.splitlines() if line.startswith("#0 "))
+    assert f"in {crash.function} (" in frame0
+    assert frame0.endswith(f"at {crash.source_file}:{crash.line}")
+    assert "scale = 7" in backtrace  # a local, whose type dwz moved into the .dwz file
+    main_debuginfo = crash_fixtures.rpm("shapes-debuginfo").nevra
+    log = analyzer.result(task_id, "log")
+    assert re.search(rf"\.dwz/shapes-2\.0-1\.fc40\.x86_64 \[[0-9a-f]+\]: {main_debuginfo}", log)
+    assert "could not find" not in log.lower()  # gdb's words for a missing .dwz file
+    assert "not found" not in log
+    packages = json.loads(analyzer.result(task_id, "backtrace.json"))["packages"]
+    assert main_debuginfo in packages
+    assert crash_fixtures.rpm("shapes-libs-debuginfo").nevra in packages
+    assert not any("debugsource" in nevra for nevra in packages)
 
 
 def test_a_truncated_core_fails_with_the_reason(analyzer: Analyzer, broken: Path) -> None:
