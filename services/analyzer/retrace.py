@@ -12,7 +12,8 @@ from services.analyzer.coredump import CoreError, Module, check_complete, read_m
 from services.analyzer.debugshell import write_manifest
 from services.analyzer.dwz import find_dwz_package, read_altlink
 from services.analyzer.gdb import MAX_FRAMES, GdbError, GdbResult, gdb_version, run_gdb
-from services.analyzer.resolve import Resolution, resolve
+from services.analyzer.hints import match_hints, read_hints
+from services.analyzer.resolve import Resolution, Served, resolve
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
@@ -114,6 +115,7 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     """Step 2: the packages that serve the core's modules, with what is missing logged."""
     with job.log.step("Finding packages by build-id"):
         resolution = resolve(job.store, modules, arch)
+        use_hints(job, resolution, arch)
         for served in resolution.served:
             module = served.module
             if module.is_vdso:
@@ -121,7 +123,8 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
                 continue
             binary = served.binary.nevra if served.binary else "NOT FOUND"
             debug = served.debug.nevra if served.debug else "NOT FOUND"
-            job.log.add(f"  {module.name} [{module.build_id}]: {binary}, debuginfo {debug}")
+            build_id = module.build_id or "no build-id"
+            job.log.add(f"  {module.name} [{build_id}]: {binary}, debuginfo {debug}")
         for note in resolution.notes:
             job.log.warn(note)
         for module in resolution.missing_debug:
@@ -129,6 +132,26 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     if not resolution.packages:
         raise RetraceFailure("None of the core's build-ids is in the mirror's index.")
     return resolution
+
+
+def use_hints(job: Job, resolution: Resolution, arch: str) -> None:
+    """Step 2b: modules the index cannot place, looked for in the packages the crash names."""
+    unplaced = [s.module for s in resolution.served if s.binary is None and not s.module.is_vdso]
+    builds = read_hints(job.crash_dir) if unplaced else []
+    if not builds:
+        return
+    try:
+        matches = match_hints(job.store, job.cache, builds, unplaced, arch)
+    except CommandError as exc:
+        job.log.warn(f"a hinted package could not be unpacked: {exc}")
+        return
+    found = {id(m.module): m for m in matches}
+    for index, served in enumerate(resolution.served):
+        match = found.get(id(served.module))
+        if match is None:
+            continue
+        resolution.served[index] = Served(served.module, match.binary, served.debug or match.debug)
+        job.log.add(f"  {served.module.name}: found in {match.binary.nevra} by {match.how}")
 
 
 def find_shared_dwarf(job: Job, resolution: Resolution, root: Path) -> list[Package]:

@@ -198,6 +198,47 @@ def test_shared_dwarf_in_a_dwz_file_is_found_through_gnu_debugaltlink(
     assert not any("debugsource" in nevra for nevra in packages)
 
 
+@pytest.mark.parametrize(
+    "name", ["assert-abort", "second-thread", "cxx-uncaught", "stack-overflow", "no-build-id"]
+)
+def test_programs_dying_the_usual_ways_are_retraced(
+    analyzer: Analyzer, crash_fixtures: Fixtures, name: str
+) -> None:
+    crash = crash_fixtures.extra(name)
+    task_id = analyzer.inject(crash.problem_dir, name)
+    assert analyzer.wait(task_id) == TaskStatus.SUCCESS, analyzer.stack.logs()
+    report = json.loads(analyzer.result(task_id, "backtrace.json"))
+    log = analyzer.result(task_id, "log")
+    backtrace = analyzer.result(task_id, "backtrace")
+    assert report["signal"]["name"] == crash.signal
+    (crashing,) = [t for t in report["threads"] if t["crashing"]]
+    ours = [f for f in crashing["frames"] if f.get("function") == crash.function]
+    assert ours, crashing["frames"][:10]
+    assert ours[0]["module"] == crash.executable
+    if name == "no-build-id":
+        # rpm's find-debuginfo strips it yet writes no debug file for it: only its symbol
+        # table is left, as on Fedora.
+        assert (ours[0]["file"], ours[0]["symbolized"]) == (None, False)
+    else:
+        assert (crash.source_file, crash.line) in {(f["file"], f["line"]) for f in ours}
+    # The index has no .build-id links for these: the crash's package file led to them.
+    oddities = crash_fixtures.rpm("oddities").nevra
+    how = "its path" if name == "no-build-id" else "its build-id note"
+    assert f"{crash.executable}: found in {oddities} by {how}" in log
+    if name == "assert-abort":
+        assert "there is always a record" in backtrace  # __abort_msg
+    if name == "second-thread":
+        assert len(report["threads"]) == 2
+        (other,) = [t for t in report["threads"] if not t["crashing"]]
+        assert any(f.get("function") == "main" for f in other["frames"])
+    if name == "stack-overflow":
+        assert crashing["truncated"]
+        assert len(crashing["frames"]) == 2048
+        assert "has more than 2048 frames" in log
+    else:
+        assert not crashing["truncated"]
+
+
 def test_a_truncated_core_fails_with_the_reason(analyzer: Analyzer, broken: Path) -> None:
     core = broken / "coredump"
     core.write_bytes(core.read_bytes()[: 64 * 1024])
