@@ -23,8 +23,8 @@ from services.common.bus import Publisher
 from services.common.runner import run
 from services.common.store import Store, TaskStatus
 from tests.fixtures.build import Fixtures
-from tests.integration.stack import BIN, Stack
-from tests.integration.test_end_to_end import start_stack, submit
+from tests.integration.stack import BIN, Stack, pack_problem_dir
+from tests.integration.test_end_to_end import XZ, start_stack, submit
 
 pytestmark = pytest.mark.integration
 
@@ -237,6 +237,37 @@ def test_programs_dying_the_usual_ways_are_retraced(
         assert "has more than 2048 frames" in log
     else:
         assert not crashing["truncated"]
+
+
+def test_a_program_of_24_libraries_with_a_100_mb_heap_is_retraced_through_the_intake(
+    stack: Stack, analyzer: Analyzer, crash_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    crash = crash_fixtures.extra("many-libs-big-heap")
+    assert (crash.problem_dir / "coredump").stat().st_size > 100 << 20
+    body = pack_problem_dir(crash.problem_dir, tmp_path / "crash.tar.xz").read_bytes()
+    status, headers, text = stack.request("POST", "/create", body, XZ)
+    assert status == 201, text
+    task_id, password = headers["X-Task-Id"], headers["X-Task-Password"]
+    assert stack.wait_finished(task_id, password) == "FINISHED_SUCCESS", stack.logs()
+    report = json.loads(analyzer.result(task_id, "backtrace.json"))
+    (crashing,) = [t for t in report["threads"] if t["crashing"]]
+    top = crashing["frames"][0]
+    assert (top["function"], top["file"], top["line"]) == (
+        crash.function,
+        crash.source_file,
+        crash.line,
+    )
+    stages = [f["function"] for f in crashing["frames"] if f["function"].startswith("stage_")]
+    assert stages == [f"stage_{n:02d}" for n in range(23, -1, -1)]
+    assert all(f["symbolized"] for f in crashing["frames"])
+    libraries = [m for m in report["modules"] if "/libstage" in m["path"]]
+    assert len(libraries) == 24
+    assert all(m["found"] and m["debuginfo_found"] for m in libraries)
+    assert {m["debuginfo_package"].split("-3.0")[0] for m in libraries} == {
+        "manylibs-core-debuginfo",
+        "manylibs-extra-debuginfo",
+        "manylibs-more-debuginfo",
+    }
 
 
 def test_a_truncated_core_fails_with_the_reason(analyzer: Analyzer, broken: Path) -> None:
