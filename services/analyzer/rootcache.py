@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from services.common.store import Package
 log = logging.getLogger(__name__)
 
 UNPACK_TIMEOUT = 600
+UNPACK_WORKERS = max(2, os.cpu_count() or 2)
 COMPLETE = ".complete"
 SIZE = ".size"
 
@@ -146,10 +148,11 @@ class RootCache:
         """
         warnings: list[str] = []
         root.mkdir(parents=True, exist_ok=True)
-        unpacked_any = False
-        for package in packages:
-            tree, fresh = self.unpacked(package)
-            unpacked_any |= fresh
+        # Unpacking is one decompressor per RPM: run them side by side.
+        with ThreadPoolExecutor(max_workers=UNPACK_WORKERS) as pool:
+            trees = list(pool.map(self.unpacked, packages))
+        unpacked_any = any(fresh for _, fresh in trees)
+        for package, (tree, _) in zip(packages, trees, strict=True):
             _link_tree(tree / "tree", root, warnings, str(package.nevra))
         if unpacked_any:
             self.evict()

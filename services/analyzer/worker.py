@@ -49,8 +49,11 @@ class AnalyzeHandler:
         assert isinstance(command, AnalyzeTaskV1)
         task_id = command.task_id
         # A redelivery after a dead analyzer finds the task still running: take it over.
+        # The intake marks a task queued only after its command is published, so the
+        # command can arrive while the task is still "submitting".
+        claimable = [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING]
         if not self._store.move_task(
-            task_id, [TaskStatus.QUEUED, TaskStatus.RUNNING], TaskStatus.RUNNING,
+            task_id, claimable, TaskStatus.RUNNING,
             progress=progress.ANALYZE,
         ):  # fmt: skip
             log.info("task %s is finished, deleted or unknown; nothing to do", task_id)

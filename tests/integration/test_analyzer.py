@@ -48,11 +48,14 @@ class Analyzer:
         task_id: str,
         arch: str = "x86_64",
         task_type: TaskType = TaskType.RETRACE,
+        *,
+        queued: bool = True,
     ) -> str:
         crash = self.spool / task_id / "crash"
         shutil.copytree(problem_dir, crash)
         self.store.create_task(task_id, "not-a-password", arch, task_type, "queued")
-        assert self.store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+        if queued:
+            assert self.store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
         publisher = Publisher(self.stack.broker_url)
         command = AnalyzeTaskV1(task_id=task_id, arch=arch, task_type=task_type)
         try:
@@ -268,6 +271,14 @@ def test_a_program_of_24_libraries_with_a_100_mb_heap_is_retraced_through_the_in
         "manylibs-extra-debuginfo",
         "manylibs-more-debuginfo",
     }
+
+
+def test_a_command_that_overtakes_the_intakes_queued_mark_is_still_run(
+    analyzer: Analyzer, crash_fixtures: Fixtures
+) -> None:
+    # The intake publishes, then marks the task queued; the analyzer may be quicker.
+    task_id = analyzer.inject(crash_fixtures.crash.problem_dir, "overtaking", queued=False)
+    assert analyzer.wait(task_id) == TaskStatus.SUCCESS
 
 
 def test_a_truncated_core_fails_with_the_reason(analyzer: Analyzer, broken: Path) -> None:
