@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -58,25 +57,25 @@ def retrace(job: Job) -> Retrace:
     job.set_progress(progress.ANALYZE)
     arch, modules = read_core(job, core, executable)
     resolution = find_packages(job, modules, arch)
-    if job.manifest is not None:
-        write_manifest(job.manifest, executable, arch, resolution.packages)
-        job.log.add(f"The package set is kept for 'retrace-analyzer shell' in {job.manifest.name}")
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
     with ExitStack() as leases:
         leases.enter_context(job.cache.lease(resolution.packages))
-        prepare_root(job, resolution.packages, root)
-        shared = find_shared_dwarf(job, resolution, root)
+        shared = find_shared_dwarf(job, resolution)
         if shared:
             leases.enter_context(job.cache.lease(shared))
-            prepare_root(job, shared, root)
+        if job.manifest is not None:
+            write_manifest(job.manifest, executable, arch, resolution.packages)
+            job.log.add(
+                f"The package set is kept for 'retrace-analyzer shell' in {job.manifest.name}"
+            )
+        prepare_root(job, resolution.packages, root)
         exe_in_root = root / executable.lstrip("/")
         if not exe_in_root.is_file():
             raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
         job.set_progress(progress.BACKTRACE)
         result = generate_backtrace(job, root, executable, core)
         job.set_progress(progress.CLEANUP)
-        shutil.rmtree(root, ignore_errors=True)
     return Retrace(gdb=result, resolution=resolution)
 
 
@@ -154,8 +153,8 @@ def use_hints(job: Job, resolution: Resolution, arch: str) -> None:
         job.log.add(f"  {served.module.name}: found in {match.binary.nevra} by {match.how}")
 
 
-def find_shared_dwarf(job: Job, resolution: Resolution, root: Path) -> list[Package]:
-    """Step 3b: the packages of the ``.dwz`` files the root's debug files point to."""
+def find_shared_dwarf(job: Job, resolution: Resolution) -> list[Package]:
+    """Step 3a: the packages of the ``.dwz`` files the debug files point to."""
     with job.log.step("Finding shared DWARF (.gnu_debugaltlink)"):
         added: list[Package] = []
         have = {p.id for p in resolution.packages}
@@ -163,7 +162,13 @@ def find_shared_dwarf(job: Job, resolution: Resolution, root: Path) -> list[Pack
             build_id = served.module.build_id
             if served.debug is None or build_id is None:
                 continue
-            debug_file = root / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+            try:
+                tree = job.cache.unpacked(served.debug)[0] / "tree"
+            except CommandError as exc:
+                raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
+            debug_file = debug_file_in(tree, build_id)
+            if debug_file is None:
+                continue
             link = read_altlink(debug_file)
             if link is None:
                 continue
@@ -180,6 +185,17 @@ def find_shared_dwarf(job: Job, resolution: Resolution, root: Path) -> list[Pack
                 resolution.extra.append(package)
             job.log.add(f"  .dwz/{name} [{link.build_id}]: {package.nevra}, found {how}")
     return added
+
+
+def debug_file_in(tree: Path, build_id: str) -> Path | None:
+    """The debug file of ``build_id`` in an unpacked package, its links kept inside it."""
+    path = tree / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    for _ in range(8):
+        if not path.is_symlink():
+            return path if path.is_file() else None
+        target = path.readlink()
+        path = tree / target.relative_to("/") if target.is_absolute() else path.parent / target
+    return None
 
 
 def prepare_root(job: Job, packages: list[Package], root: Path) -> None:

@@ -2,7 +2,9 @@
 
 Each RPM is unpacked once, into ``<cache>/rpms/<sha256>/``, keyed by its content.
 A task's root is then a tree of hard links into those folders: nothing is
-decompressed twice, and assembling a root seen before costs only the links.
+decompressed twice.  Roots are kept too, under ``<cache>/roots/<key>/``, keyed by
+the ordered digests of their packages: gdb only ever reads a root (the sandbox
+mounts it read-only), so a package set seen before is served by the same tree.
 
 The cache has a size bound.  A task holds a shared lock on each entry it uses
 (:meth:`RootCache.lease`); beyond the bound, the least recently used entries that
@@ -12,6 +14,7 @@ no task holds are removed.  Every process on the host follows the same locks.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -30,6 +33,8 @@ UNPACK_TIMEOUT = 600
 UNPACK_WORKERS = max(2, os.cpu_count() or 2)
 COMPLETE = ".complete"
 SIZE = ".size"
+WARNINGS = ".warnings"
+PACKAGES = ".packages"
 
 
 class RootCache:
@@ -37,9 +42,11 @@ class RootCache:
 
     def __init__(self, cache_dir: Path, repo: Path, max_bytes: int | None = None) -> None:
         self._rpms = cache_dir / "rpms"
+        self._roots = cache_dir / "roots"
         self._repo = repo
         self._max_bytes = max_bytes
         self._rpms.mkdir(parents=True, exist_ok=True)
+        self._roots.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
     def lease(self, packages: list[Package]) -> Iterator[None]:
@@ -96,6 +103,7 @@ class RootCache:
                     shutil.rmtree(doomed, ignore_errors=True)
                     entry.replace(doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
+                self._drop_roots_with(entry.name)
                 total -= size
                 removed.append(entry.name)
         for key in removed:
@@ -141,11 +149,53 @@ class RootCache:
                 raise
         return final, True
 
-    def assemble(self, packages: list[Package], root: Path) -> list[str]:
-        """Build ``root`` from ``packages`` with hard links; return warnings for the log.
+    def _drop_roots_with(self, key: str) -> None:
+        for kept in self._roots.iterdir():
+            try:
+                keys = (kept / PACKAGES).read_text().split()
+            except OSError:
+                continue
+            if key in keys:
+                doomed = self._roots / f".evicted-{kept.name}"
+                shutil.rmtree(doomed, ignore_errors=True)
+                kept.replace(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
-        A path two packages both ship comes from the first in ``packages``.
+    def assemble(self, packages: list[Package], root: Path) -> list[str]:
+        """Make ``root`` (which must not exist) the root of ``packages``; return warnings.
+
+        ``root`` becomes a link to the kept root of this package set, built now from
+        hard links into the unpacked packages unless it was built before.  A path
+        two packages both ship comes from the first in ``packages``.  Hold a
+        :meth:`lease` on ``packages`` while the root is in use.
         """
+        keys = [p.sha256 for p in packages]
+        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+        kept = self._roots / name
+        if not (kept / COMPLETE).exists():
+            with self._locked(f"root-{name}"):
+                if not (kept / COMPLETE).exists():
+                    self._build_root(packages, kept)
+        (kept / COMPLETE).touch()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.symlink_to(kept / "tree")
+        return (kept / WARNINGS).read_text().splitlines()
+
+    def _build_root(self, packages: list[Package], kept: Path) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=".root-", dir=self._roots))
+        try:
+            warnings = self._link_packages(packages, staging / "tree")
+            (staging / WARNINGS).write_text("".join(f"{w}\n" for w in warnings))
+            (staging / PACKAGES).write_text("".join(f"{p.sha256}\n" for p in packages))
+            (staging / COMPLETE).touch()
+            if kept.exists():  # left by an interrupted build
+                shutil.rmtree(kept)
+            staging.replace(kept)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _link_packages(self, packages: list[Package], root: Path) -> list[str]:
         warnings: list[str] = []
         root.mkdir(parents=True, exist_ok=True)
         # Unpacking is one decompressor per RPM: run them side by side.
