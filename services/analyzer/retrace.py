@@ -57,6 +57,7 @@ def retrace(job: Job) -> Retrace:
     job.set_progress(progress.ANALYZE)
     arch, modules = read_core(job, core, executable)
     resolution = find_packages(job, modules, arch)
+    check_crashed_build(job, resolution)
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
     with ExitStack() as leases:
@@ -131,6 +132,27 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     if not resolution.packages:
         raise RetraceFailure("None of the core's build-ids is in the mirror's index.")
     return resolution
+
+
+def check_crashed_build(job: Job, resolution: Resolution) -> None:
+    """Step 2c: say so when the crashed package's own build is not mirrored.
+
+    This is the seam for fetching it on demand (the mirror's command, by NVR, then a
+    retry through a wait queue, up to a limit): until that command exists (issue #5)
+    the retrace goes on with what is available, and the log says what is missing.
+    """
+    hints = read_hints(job.crash_dir)
+    if not hints:
+        return
+    crashed = hints[0]
+    served = {(p.nevra.name, p.nevra.version, p.nevra.release) for p in resolution.packages}
+    if (crashed.name, crashed.version, crashed.release) in served:
+        return
+    nvr = f"{crashed.name}-{crashed.version}-{crashed.release}"
+    job.log.warn(
+        f"the crashed package {nvr} is not among the mirrored packages that serve this "
+        "core; the backtrace shows what the mirror has"
+    )
 
 
 def use_hints(job: Job, resolution: Resolution, arch: str) -> None:

@@ -281,6 +281,18 @@ def test_a_command_that_overtakes_the_intakes_queued_mark_is_still_run(
     assert analyzer.wait(task_id) == TaskStatus.SUCCESS
 
 
+def test_an_unmirrored_crashed_build_is_named_and_the_retrace_goes_on(
+    analyzer: Analyzer, broken: Path
+) -> None:
+    # The crash says it came from a build the mirror lacks; fetching it on demand is
+    # the mirror's command (issue #5), so for now the log says so and the retrace goes on.
+    (broken / "package").write_text("crasher-1.0-2.fc40")
+    task_id = analyzer.inject(broken, "unmirrored-build")
+    assert analyzer.wait(task_id) == TaskStatus.SUCCESS
+    log = analyzer.result(task_id, "log")
+    assert "warning: the crashed package crasher-1.0-2.fc40 is not among the mirrored" in log
+
+
 def test_a_truncated_core_fails_with_the_reason(analyzer: Analyzer, broken: Path) -> None:
     core = broken / "coredump"
     core.write_bytes(core.read_bytes()[: 64 * 1024])
