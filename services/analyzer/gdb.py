@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from services.analyzer.sandbox import Sandbox
+from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.common.runner import CommandError, run
 
 # The original Retrace Server's gdb session, in its order.
@@ -129,9 +129,12 @@ def run_gdb(
     backtrace, _, location = output.partition(f"\n{MARK}\n")
     frame0 = _FRAME0.search(backtrace)
     if frame0 is None:
-        if result.returncode < 0:
-            raise GdbError(f"{_exit(result.returncode)} before it printed a backtrace")
-        detail = result.stderr.strip().splitlines()[-1:] or [_exit(result.returncode)]
+        code = result.returncode
+        if sandbox.mode == SandboxMode.BWRAP and 128 < code <= 128 + 64:
+            code = 128 - code  # bwrap reports its child's death by signal N as 128 + N
+        if code < 0:
+            raise GdbError(f"{_exit(code)} before it printed a backtrace")
+        detail = result.stderr.strip().splitlines()[-1:] or [_exit(code)]
         raise GdbError(f"gdb produced an unusable backtrace ({detail[0]})")
     symbol = _SYMBOL.search(location.strip())
     module = frame0["library"] or (symbol["module"] if symbol and symbol["module"] else executable)

@@ -332,32 +332,47 @@ def test_a_core_without_build_ids_fails(analyzer: Analyzer, broken: Path) -> Non
     assert "carries no build-ids" in analyzer.reason(task_id)
 
 
-def test_a_hanging_gdb_is_killed_at_the_timeout(
+GDB_MISBEHAVING = {
+    # A gdb stuck in a loop, with a child of its own.
+    "hangs": (
+        "sleep 341 &\nsleep 342\n",
+        "Retrace failed: gdb failed: gdb did not finish within 3 s and was killed.",
+    ),
+    # A gdb that a hostile core made crash.
+    "crashes": (
+        "kill -SEGV $$\n",
+        "Retrace failed: gdb failed: gdb was killed by SIGSEGV before it printed a backtrace.",
+    ),
+}
+
+
+@pytest.mark.parametrize("behaviour", sorted(GDB_MISBEHAVING))
+def test_a_gdb_that_hangs_or_crashes_fails_the_task_with_the_reason(
     tmp_path_factory: pytest.TempPathFactory,
     make_broker_url: Callable[[], str],
     crash_fixtures: Fixtures,
     broken: Path,
+    behaviour: str,
 ) -> None:
-    home = tmp_path_factory.mktemp("hang")
-    hanging = home / "bin" / "gdb"
-    hanging.parent.mkdir()
-    # Answers --version like gdb, then hangs with a child, as a gdb stuck in a loop would.
-    hanging.write_text(
-        '#!/bin/sh\n[ "$1" = --version ] && { echo "GNU gdb (hangs) 0"; exit 0; }\n'
-        "sleep 341 &\nsleep 342\n"
+    script, reason = GDB_MISBEHAVING[behaviour]
+    home = tmp_path_factory.mktemp(behaviour)
+    fake = home / "bin" / "gdb"
+    fake.parent.mkdir()
+    # Answers --version like gdb, then misbehaves.
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo "GNU gdb (fake) 0"; exit 0; }\n' + script
     )
-    hanging.chmod(0o755)
-    stack = HangingStack(home, make_broker_url(), gdb=str(hanging))
+    fake.chmod(0o755)
+    stack = HangingStack(home, make_broker_url(), gdb=str(fake))
     stack.up()
     try:
         rpms = [str(r.path) for r in crash_fixtures.rpms]
         assert stack.command("retrace-mirror", "import", *rpms).returncode == 0
         analyzer = Analyzer(stack)
-        task_id = analyzer.inject(broken, "hanging-gdb")
+        task_id = analyzer.inject(broken, f"{behaviour}-gdb")
         assert analyzer.wait(task_id) == TaskStatus.FAILURE
-        assert analyzer.reason(task_id) == (
-            "Retrace failed: gdb failed: gdb did not finish within 3 s and was killed."
-        )
+        assert analyzer.reason(task_id) == reason
+        assert not (analyzer.spool / task_id / "crash" / "coredump").exists()
     finally:
         stack.down()
     assert run(["pgrep", "-f", "sleep 34[12]"], timeout=10, check=False).stdout == ""
