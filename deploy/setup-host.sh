@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   gdb elfutils rpm rpm2cpio cpio debugedit gcc make xz-utils curl wget zstd
   createrepo-c dnf debuginfod libkrb5-dev systemd git
+  bubblewrap dwz g++
 )
 
 say() { printf '==> %s\n' "$*"; }
@@ -42,6 +43,17 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
     sleep 1
   done
   (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || { echo "RabbitMQ did not start" >&2; exit 1; }
+fi
+
+# Delivery limits and dead-lettering are RabbitMQ policies, which only the management
+# HTTP API can set ('retrace-admin policies'); the plugin starts without a restart.
+if ! (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null; then
+  say "enabling rabbitmq_management"
+  as_root rabbitmq-plugins enable rabbitmq_management >/dev/null
+  for _ in $(seq 60); do
+    (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null && break
+    sleep 1
+  done
 fi
 
 # The application lives in a virtualenv of its own, never in a shared site-packages.

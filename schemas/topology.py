@@ -13,6 +13,12 @@ from schemas.messages import AnalyzeTaskV1, BuildSyncedV1, Message, MirrorBuildV
 EXCHANGE = "retrace"
 """The topic exchange every command and event of ours is published to."""
 
+DEAD_LETTER_EXCHANGE = "retrace.dead-letter"
+"""Where a command queue's policy sends what it gives up on (same routing keys)."""
+
+COMMAND_POLICY = "retrace-commands"
+"""The RabbitMQ policy giving every command queue its delivery limit and dead-lettering."""
+
 
 @dataclass(frozen=True)
 class Route:
@@ -32,6 +38,10 @@ class Route:
     def topic_for(self, arch: str | None = None) -> str:
         """The routing key, with ``{arch}`` filled in where the route has one."""
         return self.topic.format(arch=arch) if "{arch}" in self.topic else self.topic
+
+    def dead_letter_queue_for(self, arch: str | None = None) -> str:
+        """The queue holding this route's dead-lettered commands."""
+        return "retrace.dead-letter." + self.queue_for(arch).removeprefix("retrace.")
 
     def queue_for(self, arch: str | None = None) -> str:
         """The queue name, with ``{arch}`` filled in where the route has one."""

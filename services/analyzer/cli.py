@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import signal
 import sys
 from types import FrameType
@@ -10,13 +12,22 @@ from types import FrameType
 import pika.exceptions
 
 from schemas.topology import ANALYZE
+from services.analyzer.deadletters import DeadLetterConsumer, DeadLetterHandler
+from services.analyzer.debugshell import ShellError, open_shell
+from services.analyzer.retrace import sandbox_for
 from services.analyzer.rootcache import RootCache
+from services.analyzer.sandbox import SandboxUnavailable
 from services.analyzer.worker import AnalyzeHandler
-from services.common.bus import Consumer, Publisher
+from services.common.bus import Consumer, Publisher, policy_problem
 from services.common.logs import setup_logging
+from services.common.runner import CommandError
 from services.common.settings import ConfigError, load_settings, log_settings
 from services.common.spool import Spool
 from services.common.store import SchemaMismatch, Store
+
+log = logging.getLogger(__name__)
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,38 +35,76 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retrace-analyzer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="consume analyze commands until stopped (SIGTERM, SIGINT)")
-    parser.parse_args(argv)
+    shell = sub.add_parser("shell", help="rebuild a debug task's root and open gdb on its core")
+    shell.add_argument("task", help="the task id")
+    args = parser.parse_args(argv)
     setup_logging()
+    if args.command == "shell":
+        return _shell(args.task)
     try:
         settings = load_settings()
         log_settings(settings, "retrace-analyzer")
         store = Store.from_url(settings.store_url)
         store.check_revision()
-    except (ConfigError, SchemaMismatch) as exc:
+        sandbox_for(settings.analyzer).check()
+    except (ConfigError, SchemaMismatch, SandboxUnavailable) as exc:
         print(f"retrace-analyzer: {exc}", file=sys.stderr)
         return 2
+    problem = policy_problem(settings.broker.management_url, settings.broker.url)
+    if problem:
+        log.warning("%s", problem)
     cache_dir = settings.resolve(settings.analyzer.cache)
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     handler = AnalyzeHandler(
         settings.analyzer,
         store,
         Spool(settings.spool),
-        RootCache(cache_dir, settings.repo),
+        RootCache(cache_dir, settings.repo, settings.analyzer.cache_max_mib << 20),
         publisher.publish,
         cache_dir / "work",
     )
     consumer = Consumer(settings.broker.url, settings.broker.heartbeat, settings.analyzer.arches)
+    dead_publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    dead_letters = DeadLetterConsumer(
+        settings.broker.url,
+        settings.broker.heartbeat,
+        settings.analyzer.arches,
+        DeadLetterHandler(store, Spool(settings.spool), dead_publisher.publish),
+    )
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         consumer.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    dead_letters.start()
     try:
         consumer.run(ANALYZE, handler)
     except pika.exceptions.AMQPConnectionError as exc:
         print(f"retrace-analyzer: cannot reach the broker: {exc!r}", file=sys.stderr)
         return 1
     finally:
+        dead_letters.stop()
+        dead_publisher.close()
         publisher.close()
     return 0
+
+
+def _shell(task_id: str) -> int:
+    try:
+        settings = load_settings()
+        if not _TASK_ID.match(task_id):
+            raise ShellError(f"{task_id!r} is not a task id")
+        cache_dir = settings.resolve(settings.analyzer.cache)
+        sandbox = sandbox_for(settings.analyzer)
+        sandbox.check()
+        return open_shell(
+            Spool(settings.spool).task_dir(task_id),
+            RootCache(cache_dir, settings.repo, settings.analyzer.cache_max_mib << 20),
+            sandbox,
+            settings.analyzer.gdb,
+            cache_dir / "work",
+        )
+    except (ConfigError, SandboxUnavailable, ShellError, CommandError) as exc:
+        print(f"retrace-analyzer: {exc}", file=sys.stderr)
+        return 2

@@ -29,6 +29,7 @@ class Resolution:
     served: list[Served] = field(default_factory=list)
     extra: list[Package] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    os_release: str | None = None
 
     @property
     def packages(self) -> list[Package]:
@@ -40,7 +41,9 @@ class Resolution:
                     seen.setdefault(package.id, package)
         for package in self.extra:
             seen.setdefault(package.id, package)
-        return sorted(seen.values(), key=lambda p: (p.nevra.name, p.id))
+        # gdb prints no source text here: debugsource packages would only cost unpacking.
+        wanted = (p for p in seen.values() if not p.nevra.name.endswith("-debugsource"))
+        return sorted(wanted, key=lambda p: (p.nevra.name, p.id))
 
     @property
     def missing_debug(self) -> list[Module]:
@@ -80,6 +83,7 @@ def resolve(store: Store, modules: list[Module], arch: str) -> Resolution:
     releases = Counter(s.binary.os_release for s in result.served if s.binary is not None)
     if releases:
         os_release = releases.most_common(1)[0][0]
+        result.os_release = os_release
         for name in BASE_PACKAGES:
             candidates = store.find_packages(name, os_release, arch) or store.find_packages(
                 name, os_release, "noarch"

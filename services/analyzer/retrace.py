@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.analyzer.coredump import CoreError, Module, read_modules
-from services.analyzer.gdb import GdbError, GdbResult, gdb_version, run_gdb
-from services.analyzer.resolve import resolve
+from services.analyzer.coredump import CoreError, Module, check_complete, read_modules
+from services.analyzer.debugshell import write_manifest
+from services.analyzer.dwz import find_dwz_package, read_altlink
+from services.analyzer.gdb import MAX_FRAMES, GdbError, GdbResult, gdb_version, run_gdb
+from services.analyzer.hints import match_hints, read_hints
+from services.analyzer.resolve import Resolution, Served, resolve
 from services.analyzer.rootcache import RootCache
+from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
 from services.common.elf import NotACore, core_arch
@@ -28,6 +32,7 @@ class Retrace:
     """The outcome of a successful retrace."""
 
     gdb: GdbResult
+    resolution: Resolution
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Job:
     settings: AnalyzerSettings
     log: TaskLog
     set_progress: Callable[[str], None]
+    # Where a debug task keeps its exact package set (None for other tasks).
+    manifest: Path | None = None
 
 
 def retrace(job: Job) -> Retrace:
@@ -48,46 +55,67 @@ def retrace(job: Job) -> Retrace:
     core = job.crash_dir / "coredump"
     executable = (job.crash_dir / "executable").read_text(encoding="utf-8").strip()
     job.set_progress(progress.ANALYZE)
-    arch, modules = read_core(job, core)
-    packages = find_packages(job, modules, arch)
+    arch, modules = read_core(job, core, executable)
+    resolution = find_packages(job, modules, arch)
+    check_crashed_build(job, resolution)
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
-    prepare_root(job, packages, root)
-    exe_in_root = root / executable.lstrip("/")
-    if not exe_in_root.is_file():
-        raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
-    job.set_progress(progress.BACKTRACE)
-    result = generate_backtrace(job, root, exe_in_root, core)
-    job.set_progress(progress.CLEANUP)
-    shutil.rmtree(root, ignore_errors=True)
-    return Retrace(gdb=result)
+    with ExitStack() as leases:
+        leases.enter_context(job.cache.lease(resolution.packages))
+        shared = find_shared_dwarf(job, resolution)
+        if shared:
+            leases.enter_context(job.cache.lease(shared))
+        if job.manifest is not None:
+            write_manifest(job.manifest, executable, arch, resolution.packages)
+            job.log.add(
+                f"The package set is kept for 'retrace-analyzer shell' in {job.manifest.name}"
+            )
+        prepare_root(job, resolution.packages, root)
+        exe_in_root = root / executable.lstrip("/")
+        if not exe_in_root.is_file():
+            raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
+        job.set_progress(progress.BACKTRACE)
+        result = generate_backtrace(job, root, executable, core)
+        job.set_progress(progress.CLEANUP)
+    return Retrace(gdb=result, resolution=resolution)
 
 
-def read_core(job: Job, core: Path) -> tuple[str, list[Module]]:
+def read_core(job: Job, core: Path, executable: str) -> tuple[str, list[Module]]:
     """Step 1: the core's architecture and modules."""
     with job.log.step("Reading the core dump"):
         try:
             arch = core_arch(core)
         except NotACore as exc:
-            raise RetraceFailure(f"The coredump is not usable: {exc}.") from exc
+            raise RetraceFailure(f"The core dump is not usable: {exc}.") from exc
         if arch not in job.settings.arches:
             raise RetraceFailure(
                 f"The core dump is for {arch}, which this analyzer does not retrace."
             )
         try:
-            modules = read_modules(core)
+            check_complete(core)
+            modules = read_modules(core, sandbox_for(job.settings))
         except CoreError as exc:
-            raise RetraceFailure(f"{exc}.") from exc
+            raise RetraceFailure(f"{_sentence(str(exc))}.") from exc
         job.log.add(f"{len(modules)} modules, architecture {arch}")
-    if not any(m.build_id for m in modules):
+    if not any(m.build_id for m in modules if not m.is_vdso):
         raise RetraceFailure("The core dump carries no build-ids, so no package can be matched.")
+    if executable not in {m.name for m in modules}:
+        raise RetraceFailure(
+            f"The core dump does not contain the executable {executable}: "
+            "it was not written by that program."
+        )
     return arch, modules
 
 
-def find_packages(job: Job, modules: list[Module], arch: str) -> list[Package]:
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     """Step 2: the packages that serve the core's modules, with what is missing logged."""
     with job.log.step("Finding packages by build-id"):
         resolution = resolve(job.store, modules, arch)
+        use_hints(job, resolution, arch)
         for served in resolution.served:
             module = served.module
             if module.is_vdso:
@@ -95,14 +123,101 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> list[Package]:
                 continue
             binary = served.binary.nevra if served.binary else "NOT FOUND"
             debug = served.debug.nevra if served.debug else "NOT FOUND"
-            job.log.add(f"  {module.name} [{module.build_id}]: {binary}, debuginfo {debug}")
+            build_id = module.build_id or "no build-id"
+            job.log.add(f"  {module.name} [{build_id}]: {binary}, debuginfo {debug}")
         for note in resolution.notes:
             job.log.warn(note)
         for module in resolution.missing_debug:
             job.log.warn(f"no debuginfo for {module.name} ({module.build_id})")
     if not resolution.packages:
         raise RetraceFailure("None of the core's build-ids is in the mirror's index.")
-    return resolution.packages
+    return resolution
+
+
+def check_crashed_build(job: Job, resolution: Resolution) -> None:
+    """Step 2c: say so when the crashed package's own build is not mirrored.
+
+    This is the seam for fetching it on demand (the mirror's command, by NVR, then a
+    retry through a wait queue, up to a limit): until that command exists (issue #5)
+    the retrace goes on with what is available, and the log says what is missing.
+    """
+    hints = read_hints(job.crash_dir)
+    if not hints:
+        return
+    crashed = hints[0]
+    served = {(p.nevra.name, p.nevra.version, p.nevra.release) for p in resolution.packages}
+    if (crashed.name, crashed.version, crashed.release) in served:
+        return
+    nvr = f"{crashed.name}-{crashed.version}-{crashed.release}"
+    job.log.warn(
+        f"the crashed package {nvr} is not among the mirrored packages that serve this "
+        "core; the backtrace shows what the mirror has"
+    )
+
+
+def use_hints(job: Job, resolution: Resolution, arch: str) -> None:
+    """Step 2b: modules the index cannot place, looked for in the packages the crash names."""
+    unplaced = [s.module for s in resolution.served if s.binary is None and not s.module.is_vdso]
+    builds = read_hints(job.crash_dir) if unplaced else []
+    if not builds:
+        return
+    try:
+        matches = match_hints(job.store, job.cache, builds, unplaced, arch)
+    except CommandError as exc:
+        job.log.warn(f"a hinted package could not be unpacked: {exc}")
+        return
+    found = {id(m.module): m for m in matches}
+    for index, served in enumerate(resolution.served):
+        match = found.get(id(served.module))
+        if match is None:
+            continue
+        resolution.served[index] = Served(served.module, match.binary, served.debug or match.debug)
+        job.log.add(f"  {served.module.name}: found in {match.binary.nevra} by {match.how}")
+
+
+def find_shared_dwarf(job: Job, resolution: Resolution) -> list[Package]:
+    """Step 3a: the packages of the ``.dwz`` files the debug files point to."""
+    with job.log.step("Finding shared DWARF (.gnu_debugaltlink)"):
+        added: list[Package] = []
+        have = {p.id for p in resolution.packages}
+        for served in resolution.served:
+            build_id = served.module.build_id
+            if served.debug is None or build_id is None:
+                continue
+            try:
+                tree = job.cache.unpacked(served.debug)[0] / "tree"
+            except CommandError as exc:
+                raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
+            debug_file = debug_file_in(tree, build_id)
+            if debug_file is None:
+                continue
+            link = read_altlink(debug_file)
+            if link is None:
+                continue
+            if resolution.os_release is None:
+                continue
+            package, how = find_dwz_package(job.store, link, resolution.os_release)
+            name = Path(link.path).name
+            if package is None:
+                job.log.warn(f"shared DWARF .dwz/{name} of {served.module.name} not found: {how}")
+                continue
+            if package.id not in have:
+                have.add(package.id)
+                added.append(package)
+                resolution.extra.append(package)
+            job.log.add(f"  .dwz/{name} [{link.build_id}]: {package.nevra}, found {how}")
+    return added
+
+
+def debug_file_in(tree: Path, build_id: str) -> Path | None:
+    """The debug file of ``build_id`` in an unpacked package, its links kept inside it."""
+    path = tree / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    for _ in range(8):
+        if not path.is_symlink():
+            return path if path.is_file() else None
+        target = path.readlink()
+        path = tree / target.relative_to("/") if target.is_absolute() else path.parent / target
+    return None
 
 
 def prepare_root(job: Job, packages: list[Package], root: Path) -> None:
@@ -117,15 +232,33 @@ def prepare_root(job: Job, packages: list[Package], root: Path) -> None:
             job.log.add(f"  {package.nevra} ({package.os_release})")
 
 
-def generate_backtrace(job: Job, root: Path, executable: Path, core: Path) -> GdbResult:
-    """Step 4: gdb's session on the core, inside the root."""
+def sandbox_for(settings: AnalyzerSettings) -> Sandbox:
+    """The sandbox gdb runs in, as the settings configure it."""
+    return Sandbox(SandboxMode(settings.sandbox), settings.gdb_memory_mib)
+
+
+def generate_backtrace(job: Job, root: Path, executable: str, core: Path) -> GdbResult:
+    """Step 4: gdb's session on the core, inside the root, inside the sandbox."""
     with job.log.step("Generating backtrace"):
         job.log.add(gdb_version(job.settings.gdb))
+        sandbox = sandbox_for(job.settings)
+        if sandbox.mode == SandboxMode.NONE:
+            job.log.warn("gdb runs unsandboxed, as this analyzer's settings choose")
         try:
-            result = run_gdb(job.settings.gdb, root, executable, core, job.settings.gdb_timeout)
+            result = run_gdb(
+                job.settings.gdb, sandbox, root, executable, core, job.settings.gdb_timeout
+            )
         except GdbError as exc:
             raise RetraceFailure(f"gdb failed: {exc}.") from exc
         for line in result.stderr.splitlines():
             if line.strip():
                 job.log.add(f"gdb: {line}")
+        for thread in result.report.get("threads", []):
+            if thread.get("truncated"):
+                job.log.warn(
+                    f"thread {thread.get('number')} has more than {MAX_FRAMES} frames; "
+                    f"the backtrace shows the innermost {MAX_FRAMES}"
+                )
+        if not result.report:
+            job.log.warn("gdb's frame report is missing: backtrace.json lists no frames")
     return result

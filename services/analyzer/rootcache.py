@@ -2,17 +2,25 @@
 
 Each RPM is unpacked once, into ``<cache>/rpms/<sha256>/``, keyed by its content.
 A task's root is then a tree of hard links into those folders: nothing is
-decompressed twice, and assembling a root seen before costs only the links.
+decompressed twice.  Roots are kept too, under ``<cache>/roots/<key>/``, keyed by
+the ordered digests of their packages: gdb only ever reads a root (the sandbox
+mounts it read-only), so a package set seen before is served by the same tree.
+
+The cache has a size bound.  A task holds a shared lock on each entry it uses
+(:meth:`RootCache.lease`); beyond the bound, the least recently used entries that
+no task holds are removed.  Every process on the host follows the same locks.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,16 +30,85 @@ from services.common.store import Package
 log = logging.getLogger(__name__)
 
 UNPACK_TIMEOUT = 600
+UNPACK_WORKERS = max(2, os.cpu_count() or 2)
 COMPLETE = ".complete"
+SIZE = ".size"
+WARNINGS = ".warnings"
+PACKAGES = ".packages"
 
 
 class RootCache:
     """Unpacked RPMs on this host, shared by every analyzer process here."""
 
-    def __init__(self, cache_dir: Path, repo: Path) -> None:
+    def __init__(self, cache_dir: Path, repo: Path, max_bytes: int | None = None) -> None:
         self._rpms = cache_dir / "rpms"
+        self._roots = cache_dir / "roots"
         self._repo = repo
+        self._max_bytes = max_bytes
         self._rpms.mkdir(parents=True, exist_ok=True)
+        self._roots.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def lease(self, packages: list[Package]) -> Iterator[None]:
+        """Hold ``packages``' entries in use: eviction skips them until the block ends."""
+        handles = []
+        try:
+            for key in sorted({p.sha256 for p in packages}):
+                handle = (self._rpms / f".{key}.use").open("a")
+                handles.append(handle)
+                fcntl.flock(handle, fcntl.LOCK_SH)
+            yield
+        finally:
+            for handle in handles:
+                handle.close()
+
+    def size(self) -> int:
+        """Bytes held by the complete entries, as measured when each was unpacked."""
+        return sum(size for _, size, _ in self._entries())
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        entries = []
+        for entry in self._rpms.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                used = (entry / COMPLETE).stat().st_mtime
+                size = int((entry / SIZE).read_text())
+            except (OSError, ValueError):
+                continue
+            entries.append((used, size, entry))
+        return sorted(entries)
+
+    def evict(self) -> list[str]:
+        """Remove least recently used entries no task holds until the cache fits its bound.
+
+        Returns the removed entries' keys.
+        """
+        if self._max_bytes is None:
+            return []
+        removed: list[str] = []
+        with (self._rpms / ".evict.lock").open("w") as evicting:
+            fcntl.flock(evicting, fcntl.LOCK_EX)
+            entries = self._entries()
+            total = sum(size for _, size, _ in entries)
+            for _, size, entry in entries:
+                if total <= self._max_bytes:
+                    break
+                with (self._rpms / f".{entry.name}.use").open("a") as use:
+                    try:
+                        fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a running task uses it
+                    doomed = self._rpms / f".evicted-{entry.name}"
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    entry.replace(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+                self._drop_roots_with(entry.name)
+                total -= size
+                removed.append(entry.name)
+        for key in removed:
+            log.info("evicted %s from the root cache", key)
+        return removed
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
@@ -47,6 +124,7 @@ class RootCache:
         """
         final = self._rpms / package.sha256
         if (final / COMPLETE).exists():
+            (final / COMPLETE).touch()  # its last use, for eviction
             return final, False
         with self._locked(package.sha256):
             if (final / COMPLETE).exists():
@@ -61,6 +139,7 @@ class RootCache:
                     timeout=UNPACK_TIMEOUT,
                     cwd=tree,
                 )
+                (staging / SIZE).write_text(str(_tree_size(tree)))
                 (staging / COMPLETE).touch()
                 if final.exists():  # left by an interrupted unpack
                     shutil.rmtree(final)
@@ -70,22 +149,85 @@ class RootCache:
                 raise
         return final, True
 
-    def assemble(self, packages: list[Package], root: Path) -> list[str]:
-        """Build ``root`` from ``packages`` with hard links; return warnings for the log.
+    def _drop_roots_with(self, key: str) -> None:
+        for kept in self._roots.iterdir():
+            try:
+                keys = (kept / PACKAGES).read_text().split()
+            except OSError:
+                continue
+            if key in keys:
+                doomed = self._roots / f".evicted-{kept.name}"
+                shutil.rmtree(doomed, ignore_errors=True)
+                kept.replace(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
-        A path two packages both ship comes from the first in ``packages``.
+    def assemble(self, packages: list[Package], root: Path) -> list[str]:
+        """Make ``root`` (which must not exist) the root of ``packages``; return warnings.
+
+        ``root`` becomes a link to the kept root of this package set, built now from
+        hard links into the unpacked packages unless it was built before.  A path
+        two packages both ship comes from the first in ``packages``.  Hold a
+        :meth:`lease` on ``packages`` while the root is in use.
         """
+        keys = [p.sha256 for p in packages]
+        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+        kept = self._roots / name
+        if not (kept / COMPLETE).exists():
+            with self._locked(f"root-{name}"):
+                if not (kept / COMPLETE).exists():
+                    self._build_root(packages, kept)
+        (kept / COMPLETE).touch()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.symlink_to(kept / "tree")
+        return (kept / WARNINGS).read_text().splitlines()
+
+    def _build_root(self, packages: list[Package], kept: Path) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=".root-", dir=self._roots))
+        try:
+            warnings = self._link_packages(packages, staging / "tree")
+            (staging / WARNINGS).write_text("".join(f"{w}\n" for w in warnings))
+            (staging / PACKAGES).write_text("".join(f"{p.sha256}\n" for p in packages))
+            (staging / COMPLETE).touch()
+            if kept.exists():  # left by an interrupted build
+                shutil.rmtree(kept)
+            staging.replace(kept)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _link_packages(self, packages: list[Package], root: Path) -> list[str]:
         warnings: list[str] = []
         root.mkdir(parents=True, exist_ok=True)
-        for package in packages:
-            tree, _ = self.unpacked(package)
+        # Unpacking is one decompressor per RPM: run them side by side.
+        with ThreadPoolExecutor(max_workers=UNPACK_WORKERS) as pool:
+            trees = list(pool.map(self.unpacked, packages))
+        unpacked_any = any(fresh for _, fresh in trees)
+        for package, (tree, _) in zip(packages, trees, strict=True):
             _link_tree(tree / "tree", root, warnings, str(package.nevra))
+        if unpacked_any:
+            self.evict()
         return warnings
+
+
+def _tree_size(tree: Path) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(tree):
+        for name in filenames:
+            total += (Path(dirpath) / name).lstat().st_size
+    return total
 
 
 def _inside(root: Path, path: Path) -> bool:
     real = os.path.realpath(path)
     return real == str(root) or real.startswith(str(root) + os.sep)
+
+
+def _within(root: Path, link: Path, target: Path) -> Path:
+    # An absolute link means a path of the crashed machine; left absolute it would
+    # lead gdb to the analyzer host's own file of that name.
+    if not target.is_absolute():
+        return target
+    return Path(os.path.relpath(root / target.relative_to("/"), link.parent))
 
 
 def _link_tree(source: Path, root: Path, warnings: list[str], origin: str) -> None:
@@ -105,7 +247,7 @@ def _link_tree(source: Path, root: Path, warnings: list[str], origin: str) -> No
             dst = target_dir / name
             if src.is_symlink():
                 if not dst.is_symlink() and not dst.exists():
-                    dst.symlink_to(src.readlink())
+                    dst.symlink_to(_within(root, dst, src.readlink()))
                 if name in dirnames:
                     dirnames.remove(name)  # its content is walked through its own package
             elif name in filenames and not dst.exists() and not dst.is_symlink():

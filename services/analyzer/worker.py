@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, TaskType
 from schemas.topology import TASK_FINISHED
+from services.analyzer.debugshell import MANIFEST
+from services.analyzer.results import BACKTRACE_JSON, backtrace_json
 from services.analyzer.retrace import Job, Retrace, RetraceFailure, retrace
 from services.analyzer.rootcache import RootCache
 from services.analyzer.tasklog import TaskLog
@@ -44,17 +48,21 @@ class AnalyzeHandler:
         command = delivery.message
         assert isinstance(command, AnalyzeTaskV1)
         task_id = command.task_id
-        # The command may arrive before the intake has marked the task queued, and a
-        # redelivery after a dead analyzer finds it still running: take it over.
+        # A redelivery after a dead analyzer finds the task still running: take it over.
+        # The intake marks a task queued only after its command is published, so the
+        # command can arrive while the task is still "submitting".
+        claimable = [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING]
         if not self._store.move_task(
-            task_id, [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING],
-            TaskStatus.RUNNING,
+            task_id, claimable, TaskStatus.RUNNING,
             progress=progress.ANALYZE,
         ):  # fmt: skip
             log.info("task %s is finished, deleted or unknown; nothing to do", task_id)
             return
         tasklog = TaskLog(task_id)
-        tasklog.add(f"Retrace of task {task_id} ({command.arch})")
+        tasklog.add(
+            f"Retrace of task {task_id} ({command.arch}) by analyzer "
+            f"{socket.gethostname()}:{os.getpid()}"
+        )
         self._work_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix=f"{task_id}-", dir=self._work_root))
         outcome: Retrace | RetraceFailure
@@ -67,6 +75,11 @@ class AnalyzeHandler:
                 settings=self._settings,
                 log=tasklog,
                 set_progress=lambda text: self._store.set_progress(task_id, text),
+                manifest=(
+                    self._spool.task_dir(task_id) / MANIFEST
+                    if command.task_type == TaskType.DEBUG
+                    else None
+                ),
             )
             outcome = retrace(job)
         except RetraceFailure as failure:
@@ -83,6 +96,7 @@ class AnalyzeHandler:
         if isinstance(outcome, Retrace):
             status, text = TaskStatus.SUCCESS, progress.SUCCESS
             files[BACKTRACE] = outcome.gdb.backtrace
+            files[BACKTRACE_JSON] = backtrace_json(task_id, outcome)
             tasklog.add("Retrace finished successfully.")
             event = TaskFinishedV1(
                 task_id=task_id,

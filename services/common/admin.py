@@ -8,7 +8,7 @@ import sys
 
 import pika.exceptions
 
-from services.common.bus import connect, declare_topology
+from services.common.bus import PolicyError, apply_policies, connect, declare_topology
 from services.common.logs import setup_logging
 from services.common.settings import ConfigError, load_settings
 from services.common.store import Store
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the database schema")
     sub.add_parser("topology", help="declare exchanges, queues and bindings on the broker")
+    sub.add_parser(
+        "policies",
+        help="set the command queues' delivery limit and dead-lettering (management API)",
+    )
     sub.add_parser("settings", help="print the settings in force, secrets masked")
     args = parser.parse_args(argv)
     setup_logging()
@@ -45,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             connection.close()
         print(f"topology declared for {', '.join(arches)}")
+    elif args.command == "policies":
+        try:
+            policy = apply_policies(
+                settings.broker.management_url, settings.broker.url, settings.broker.delivery_limit
+            )
+        except PolicyError as exc:
+            print(f"retrace-admin: {exc}", file=sys.stderr)
+            return 1
+        print(f"policy applied to queues matching {policy['pattern']}: {policy['definition']}")
     else:
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
     return 0

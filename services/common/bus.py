@@ -8,8 +8,14 @@ read our events, but our services never import fedora_messaging.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import re
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +31,7 @@ from pika.exchange_type import ExchangeType
 from pika.spec import Basic, BasicProperties
 
 from schemas.messages import Message, parse
-from schemas.topology import EXCHANGE, ROUTES, Route
+from schemas.topology import COMMAND_POLICY, DEAD_LETTER_EXCHANGE, EXCHANGE, ROUTES, Route
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +60,118 @@ def declare_topology(channel: BlockingChannel, arches: tuple[str, ...]) -> None:
     limits and dead-lettering are policies, applied by ``retrace-admin``.
     """
     channel.exchange_declare(EXCHANGE, exchange_type=ExchangeType("topic"), durable=True)
+    channel.exchange_declare(
+        DEAD_LETTER_EXCHANGE, exchange_type=ExchangeType("topic"), durable=True
+    )
+    quorum = {"x-queue-type": "quorum"}
     for route in ROUTES:
         if route.queue is None:
             continue
         for arch in arches if "{arch}" in route.queue else (None,):
             queue = route.queue_for(arch)
-            channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_declare(queue, durable=True, arguments=quorum)
             channel.queue_bind(queue, EXCHANGE, routing_key=route.topic_for(arch))
+            if route.command:
+                dead = route.dead_letter_queue_for(arch)
+                channel.queue_declare(dead, durable=True, arguments=quorum)
+                channel.queue_bind(dead, DEAD_LETTER_EXCHANGE, routing_key=route.topic_for(arch))
+
+
+# -- policies: delivery limit and dead-lettering, through the management HTTP API --
+
+MANAGEMENT_TIMEOUT = 10
+
+
+class PolicyError(Exception):
+    """The management API could not be reached or refused the policy."""
+
+
+def command_queue_pattern() -> str:
+    """A regular expression matching every command queue of ours, and nothing else."""
+    any_arch = re.escape("{arch}")
+    names = [
+        re.escape(route.queue).replace(any_arch, r"[^.]+")
+        for route in ROUTES
+        if route.command and route.queue is not None
+    ]
+    return "^(" + "|".join(names) + ")$"
+
+
+def command_policy(delivery_limit: int) -> dict[str, Any]:
+    """The policy body: after ``delivery_limit`` returns a command goes to the dead letters.
+
+    ``at-least-once`` dead-lettering keeps a message until the dead-letter queue
+    confirms it, and needs ``reject-publish`` overflow.
+    """
+    return {
+        "pattern": command_queue_pattern(),
+        "apply-to": "queues",
+        "priority": 0,
+        "definition": {
+            "delivery-limit": delivery_limit,
+            "dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "dead-letter-strategy": "at-least-once",
+            "overflow": "reject-publish",
+        },
+    }
+
+
+def _management_request(
+    management_url: str, broker_url: str, method: str, body: dict[str, Any] | None = None
+) -> Any:
+    params = pika.URLParameters(broker_url)
+    vhost = urllib.parse.quote(params.virtual_host, safe="")
+    url = f"{management_url.rstrip('/')}/api/policies/{vhost}/{COMMAND_POLICY}"
+    credentials = params.credentials
+    user = getattr(credentials, "username", "guest")
+    password = getattr(credentials, "password", "guest")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(  # noqa: S310 -- the operator's own management URL
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=MANAGEMENT_TIMEOUT) as answer:  # noqa: S310
+            text = answer.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404 and method == "GET":
+            return None
+        raise PolicyError(f"{method} {url}: {exc.code} {exc.reason}") from exc
+    except OSError as exc:
+        raise PolicyError(f"the management API at {management_url} is unreachable: {exc}") from exc
+    return json.loads(text) if text.strip() else {}
+
+
+def apply_policies(management_url: str, broker_url: str, delivery_limit: int) -> dict[str, Any]:
+    """Set the command-queue policy on ``broker_url``'s vhost; return the policy body."""
+    policy = command_policy(delivery_limit)
+    _management_request(management_url, broker_url, "PUT", policy)
+    return policy
+
+
+def policy_problem(management_url: str, broker_url: str) -> str | None:
+    """Why the command queues lack their dead-lettering policy, or ``None`` if they have it."""
+    try:
+        found = _management_request(management_url, broker_url, "GET")
+    except PolicyError as exc:
+        return f"cannot check the broker's policies: {exc}"
+    if found is None:
+        return (
+            f"the broker has no '{COMMAND_POLICY}' policy: commands that keep failing are "
+            "never dead-lettered; run 'retrace-admin policies'"
+        )
+    definition = found.get("definition", {})
+    wanted = command_policy(1)["definition"]
+    differing = sorted(
+        k for k in wanted if k != "delivery-limit" and definition.get(k) != wanted[k]
+    )
+    if "delivery-limit" not in definition or differing:
+        return (
+            f"the '{COMMAND_POLICY}' policy differs from ours ({differing or 'no delivery-limit'})"
+        )
+    return None
 
 
 def properties_for(route: Route, message: Message) -> BasicProperties:

@@ -51,6 +51,8 @@ class BrokerSettings(_Section):
 
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
     heartbeat: int = Field(default=60, ge=1, le=600)
+    management_url: str = "http://127.0.0.1:15672"
+    delivery_limit: int = Field(default=3, ge=0)
 
 
 class IntakeSettings(_Section):
@@ -84,6 +86,9 @@ class AnalyzerSettings(_Section):
     cache: Path = Path("var/cache/analyzer")
     gdb_timeout: int = Field(default=600, ge=1)
     gdb: str = "gdb"
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    gdb_memory_mib: int = Field(default=8192, ge=256)
+    cache_max_mib: int = Field(default=20480, ge=1)
 
 
 class MirrorSettings(_Section):

@@ -1,0 +1,162 @@
+"""The dead-letter consumer: analyze commands the broker gave up on fail their tasks.
+
+A command lands here when the command queue's policy dead-letters it: after the
+delivery limit (its analyzers kept dying or failing on it) or at once when an
+analyzer rejected it as unreadable.  The task is marked failed with the reason
+taken from the ``x-death`` header, so the user reads why instead of waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import threading
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from schemas.messages import Outcome, TaskFinishedV1
+from schemas.topology import ANALYZE, TASK_FINISHED
+from services.analyzer.tasklog import TaskLog
+from services.common import progress
+from services.common.bus import Publish, connect, declare_topology
+from services.common.spool import LOG, Spool
+from services.common.store import Store, TaskStatus
+
+log = logging.getLogger(__name__)
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+_WHY = {
+    "delivery_limit": "the analysis was given up after it failed or its analyzer stopped on "
+    "every attempt",
+    "rejected": "the analyze command was refused as unreadable",
+    "expired": "the analyze command expired before an analyzer took it",
+    "maxlen": "the analyze queue was full",
+}
+
+
+def death_reason(headers: dict[str, Any]) -> str:
+    """One plain sentence from a dead-lettered message's ``x-death`` header."""
+    deaths = headers.get("x-death") or []
+    first = deaths[-1] if deaths else {}  # the newest death is first; the original, last
+    reason = str(headers.get("x-first-death-reason") or first.get("reason") or "unknown")
+    queue = str(headers.get("x-first-death-queue") or first.get("queue") or "?")
+    why = _WHY.get(reason, "the broker dead-lettered the analyze command")
+    count = headers.get("x-delivery-count")
+    attempts = f" after {count} returns" if count is not None else ""
+    return f"{why[:1].upper()}{why[1:]} (RabbitMQ: {reason} on {queue}{attempts})."
+
+
+def task_id_of(body: bytes) -> str | None:
+    """The task a dead-lettered body names, if it names one well enough to trust."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    task_id = data.get("task_id") if isinstance(data, dict) else None
+    return task_id if isinstance(task_id, str) and _TASK_ID.match(task_id) else None
+
+
+class DeadLetterHandler:
+    """Marks the task of one dead-lettered command failed, with its results and event."""
+
+    def __init__(self, store: Store, spool: Spool, publish: Publish) -> None:
+        self._store = store
+        self._spool = spool
+        self._publish = publish
+
+    def __call__(self, body: bytes, headers: dict[str, Any]) -> None:
+        reason = death_reason(headers)
+        task_id = task_id_of(body)
+        if task_id is None:
+            log.error("dropping a dead-lettered analyze command that names no task: %s", reason)
+            return
+        task = self._store.get_task(task_id)
+        if task is None or task.status.final:
+            log.info("dead-lettered task %s is finished, deleted or unknown", task_id)
+            return
+        tasklog = TaskLog(task_id)
+        tasklog.add(f"Retrace failed: {reason}")
+        # A task refused before its upload was spooled has no folder yet.
+        self._spool.task_dir(task_id).mkdir(parents=True, exist_ok=True)
+        staged = self._spool.stage_results(task_id, {LOG: tasklog.text()})
+        allowed = [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING]
+        if not self._store.move_task(
+            task_id, allowed, TaskStatus.FAILURE, progress=progress.FAIL, reason=reason
+        ):
+            shutil.rmtree(staged, ignore_errors=True)
+            return
+        self._spool.commit_results(task_id, staged)
+        if task.task_type != "debug":
+            (self._spool.crash_dir(task_id) / "coredump").unlink(missing_ok=True)
+        event = TaskFinishedV1(
+            task_id=task_id, arch=task.arch, outcome=Outcome.FAILURE, reason=reason
+        )
+        self._publish(TASK_FINISHED, event, None)
+        log.info("dead-lettered task %s failed: %s", task_id, reason)
+
+
+class DeadLetterConsumer:
+    """Consumes the analyze dead-letter queues in a thread of its own."""
+
+    def __init__(
+        self, url: str, heartbeat: int, arches: tuple[str, ...], handler: DeadLetterHandler
+    ) -> None:
+        self._url = url
+        self._heartbeat = heartbeat
+        self._arches = arches
+        self._handler = handler
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dead-letters", daemon=True)
+
+    def start(self) -> None:
+        """Start consuming in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop consuming and wait for the thread."""
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._consume()
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.error("dead-letter consumer lost the broker, retrying: %r", exc)
+                self._stopping.wait(5)
+
+    def _consume(self) -> None:
+        connection = connect(self._url, self._heartbeat)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=1)
+            declare_topology(channel, self._arches)
+
+            def on_message(
+                ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+            ) -> None:
+                tag = method.delivery_tag
+                assert tag is not None
+                try:
+                    self._handler(body, dict(props.headers or {}))
+                except Exception:
+                    log.exception("a dead-lettered command could not be handled; requeued")
+                    ch.basic_nack(tag, requeue=True)
+                    self._stopping.wait(5)
+                    return
+                ch.basic_ack(tag)
+
+            for arch in self._arches:
+                channel.basic_consume(ANALYZE.dead_letter_queue_for(arch), on_message)
+            while channel.is_open and not self._stopping.is_set():
+                connection.process_data_events(time_limit=1)
+        finally:
+            if connection.is_open:
+                connection.close()

@@ -1,0 +1,102 @@
+"""The cache of unpacked RPMs, on the fixture's real RPMs."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from services.analyzer.rootcache import RootCache
+from services.common.store import Nevra, Package
+from tests.fixtures.build import Fixtures, RpmPackage
+
+pytestmark = pytest.mark.integration
+
+
+def package(number: int, rpm: RpmPackage) -> Package:
+    return Package(
+        id=number,
+        nevra=Nevra(rpm.name, rpm.epoch or 0, rpm.version, rpm.release, rpm.arch),
+        os_release="fedora-40",
+        path=rpm.filename,
+        sha256=hashlib.sha256(rpm.path.read_bytes()).hexdigest(),
+        size=rpm.path.stat().st_size,
+    )
+
+
+@pytest.fixture
+def packages(crash_fixtures: Fixtures) -> dict[str, Package]:
+    return {rpm.name: package(n, rpm) for n, rpm in enumerate(crash_fixtures.rpms, start=1)}
+
+
+def test_two_tasks_needing_one_rpm_at_once_unpack_it_once(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    caches = [RootCache(tmp_path / "cache", crash_fixtures.rpms_dir) for _ in range(4)]
+    fresh: list[bool] = []
+
+    def unpack(cache: RootCache) -> None:
+        fresh.append(cache.unpacked(packages["glibc-debuginfo"])[1])
+
+    threads = [threading.Thread(target=unpack, args=(cache,)) for cache in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(fresh) == [False, False, False, True]
+
+
+def test_a_root_seen_before_is_assembled_without_unpacking(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    wanted = [packages[name] for name in ("filesystem", "glibc", "crasher")]
+    cache.assemble(wanted, tmp_path / "first")
+    cache.assemble(wanted, tmp_path / "second")
+    assert all(not cache.unpacked(p)[1] for p in wanted)
+    # The same package set is served by the same kept, read-only tree.
+    assert (tmp_path / "first").resolve() == (tmp_path / "second").resolve()
+    assert (tmp_path / "second/usr/lib64/libc.so.6").stat().st_nlink == 2
+    assert (tmp_path / "second/lib64/ld-linux-x86-64.so.2").is_file()
+    # Another set is another tree, built from the same unpacked packages.
+    cache.assemble(wanted[:2], tmp_path / "third")
+    assert (tmp_path / "third").resolve() != (tmp_path / "first").resolve()
+    assert (tmp_path / "third/usr/lib64/libc.so.6").stat().st_nlink == 3
+
+
+def test_the_bound_evicts_least_recently_used_entries_no_task_holds(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    unbounded = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    order = ["crasher", "glibc", "crasher-debuginfo", "glibc-debuginfo", "filesystem"]
+    for name in order:
+        unbounded.unpacked(packages[name])
+        time.sleep(0.01)  # distinct use times
+    full = unbounded.size()
+    glibc_debuginfo = unbounded.unpacked(packages["glibc-debuginfo"])[0]
+    bound = full - 1  # one entry must go
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir, max_bytes=bound)
+    with cache.lease([packages["crasher"]]):
+        removed = cache.evict()
+    # The oldest entry (crasher) is in use, so the next oldest goes instead.
+    assert removed == [packages["glibc"].sha256]
+    assert cache.size() <= bound
+    assert glibc_debuginfo.is_dir()
+    assert cache.unpacked(packages["crasher"])[1] is False
+    assert cache.unpacked(packages["glibc"])[1] is True
+
+
+def test_an_evicted_package_takes_the_kept_roots_built_on_it_along(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    cache.assemble([packages["filesystem"], packages["glibc"]], tmp_path / "root")
+    kept = (tmp_path / "root").resolve()
+    bounded = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir, max_bytes=1)
+    assert sorted(bounded.evict()) == sorted(
+        [packages["filesystem"].sha256, packages["glibc"].sha256]
+    )
+    assert not kept.exists()
