@@ -16,7 +16,6 @@ from typing import Any
 from services.analyzer.coredump import Module
 from services.analyzer.retrace import Retrace
 
-BACKTRACE_JSON = "backtrace.json"
 FORMAT = 1
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, TaskType
 from schemas.topology import TASK_FINISHED
 from services.analyzer.debugshell import MANIFEST
-from services.analyzer.results import BACKTRACE_JSON, backtrace_json
+from services.analyzer.results import backtrace_json
 from services.analyzer.retrace import Job, Retrace, RetraceFailure, retrace
 from services.analyzer.rootcache import RootCache
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
 from services.common.bus import Delivery, Publish
 from services.common.settings import AnalyzerSettings
-from services.common.spool import BACKTRACE, LOG, Spool
+from services.common.spool import BACKTRACE, BACKTRACE_JSON, LOG, Spool
 from services.common.store import Store, TaskStatus
 
 log = logging.getLogger(__name__)

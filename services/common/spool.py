@@ -15,6 +15,7 @@ from pathlib import Path
 CRASH = "crash"
 RESULTS = "results"
 BACKTRACE = "backtrace"
+BACKTRACE_JSON = "backtrace.json"
 LOG = "log"
 
 

@@ -164,8 +164,14 @@ def spec() -> dict[str, Any]:
             },
             "/{task_id}/backtrace": {
                 "get": _task_operation(
-                    "The backtrace, once finished with success",
-                    {"200": _text("The backtrace", **{"X-Task-Password": ROTATED})},
+                    "The backtrace, once finished with success "
+                    "(Accept: application/json for the structured form)",
+                    {
+                        "200": {
+                            **_text("The backtrace", **{"X-Task-Password": ROTATED}),
+                            "content": {**TEXT, **JSON_OBJECT},
+                        }
+                    },
                 )
             },
             "/settings": {

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import falcon
 
 from services.common.settings import IntakeSettings
-from services.common.spool import BACKTRACE, LOG, Spool
+from services.common.spool import BACKTRACE, BACKTRACE_JSON, LOG, Spool
 from services.common.store import Store, Task, TaskStatus
 from services.intake import passwords
 from services.intake.clients import client_address
@@ -109,7 +109,11 @@ class TaskResource:
                 "the backtrace exists once the task has finished successfully",
                 code="no_result",
             )
-        self._send(resp, task, BACKTRACE, "the task has no backtrace")
+        if req.client_prefers((falcon.MEDIA_TEXT, falcon.MEDIA_JSON)) == falcon.MEDIA_JSON:
+            self._send(resp, task, BACKTRACE_JSON, "the task has no structured backtrace")
+            resp.content_type = falcon.MEDIA_JSON
+        else:
+            self._send(resp, task, BACKTRACE, "the task has no backtrace")
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """Forget the task and its files at once.  An analyzer still working on it finds

@@ -63,6 +63,9 @@ def test_batch_sends_waits_prints_and_saves_the_backtrace(
     status = client(stack, tmp_path, "status", task)
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[0] == "FINISHED_SUCCESS"
+    structured = client(stack, tmp_path, "backtrace", task, "--json")
+    assert structured.returncode == 0, structured.stderr
+    assert json.loads(structured.stdout)["crash_function"] == crash.function
     log = client(stack, tmp_path, "log", task)
     assert log.returncode == 0
     assert "Retrace finished successfully." in log.stdout

@@ -7,6 +7,7 @@ gdb runs on the core, and the broker is the local RabbitMQ.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -66,6 +67,17 @@ def test_a_real_crash_is_retraced_through_the_whole_system(
     # Paths read as installed, not as the analyzer's private root.
     assert "/usr/lib64/libc.so.6" in backtrace
     assert "/cache/" not in backtrace
+
+    # The structured form, for programs.
+    status, headers, body = stack.request(
+        "GET", f"/{task_id}/backtrace", headers={**auth, "Accept": "application/json"}
+    )
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    report = json.loads(body)
+    assert report["crash_function"] == crash.function
+    crashing = next(t for t in report["threads"] if t["crashing"])
+    assert crashing["frames"][0]["line"] == crash.line
 
     status, _, body = stack.request("GET", f"/{task_id}/log", headers=auth)
     assert status == 200
