@@ -16,6 +16,9 @@ mkdir -p "$RUN"
 say() { printf '\n==> %s\n' "$*"; }
 
 "$(dirname "$0")/stop-demo.sh" >/dev/null 2>&1 || true
+# Each run starts from an empty store, spool and repo: a rebuilt sample package has
+# the same NEVRA with other bytes, which a mirror rightly refuses to take twice.
+rm -rf "$RETRACE_HOME/var"
 
 say "building the sample package and crash (tests/fixtures)"
 "$BIN/python" -m tests.fixtures.build --out "$RETRACE_HOME/fixtures"
@@ -23,6 +26,7 @@ say "building the sample package and crash (tests/fixtures)"
 say "database schema and broker topology"
 "$BIN/retrace-admin" migrate
 "$BIN/retrace-admin" topology
+"$BIN/retrace-admin" policies
 
 say "starting the intake on $URL and one analyzer"
 nohup "$BIN/retrace-intake" serve --bind "127.0.0.1:$PORT" >"$RUN/intake.log" 2>&1 &
