@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import falcon.testing
 import pytest
 
 from schemas.messages import MirrorBuildV1
 from schemas.topology import EXCHANGE, MIRROR_BUILD
 from services.common.bus import connect, properties_for
 from services.common.store import KojiBuild, Store
+from services.mirror.http import create_app
 from tests.integration.koji_hub import KojiStandIn, build_rpms
 from tests.integration.stack import Stack
 
@@ -117,6 +119,10 @@ def test_a_command_that_keeps_killing_the_worker_fails_its_build(worker: Worker)
     worker.wait_log(f"mirroring build poison-1.0-1.fc40 ({POISON}) failed")
     assert rpms[0].name not in worker.koji.downloads  # never fetched whole, never placed
     assert worker.process.poll() is None, worker.stack.logs()
+    # The mirror's /metrics shows it to whoever watches the mirror.
+    app = create_app(worker.store, worker.stack.home / "var" / "repo")
+    metrics = falcon.testing.TestClient(app).simulate_get("/metrics").text
+    assert 'retrace_mirror_builds{state="failed"} 1' in metrics
 
 
 def _publish_raw(broker_url: str, body: bytes) -> None:
