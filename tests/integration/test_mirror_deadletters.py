@@ -152,16 +152,26 @@ def test_a_malformed_command_is_dead_lettered_at_once_and_logged(worker: Worker)
     worker.wait_log("dropping a dead-lettered mirror command that names no build")
 
 
-def test_a_worker_warns_when_the_broker_lacks_the_policy(
+def test_the_worker_and_the_intake_warn_when_the_broker_lacks_the_policy(
     tmp_path: Path, make_broker_url: Callable[[], str], worker: Worker
 ) -> None:
     stack = mirror_stack(tmp_path / "home", make_broker_url(), worker.koji)
-    lonely = stack.start("retrace-mirror", "worker", log_name="unprotected")
+    stack.start("retrace-mirror", "worker", log_name="unprotected-worker")
+    stack.start(
+        "retrace-intake",
+        "serve",
+        "--bind",
+        f"127.0.0.1:{stack.port}",
+        "--workers",
+        "1",
+        log_name="unprotected-intake",
+    )
+    missing = "the broker has no 'retrace-commands' policy"
     try:
         deadline = time.monotonic() + 30
-        while "consuming" not in stack.logs() and time.monotonic() < deadline:
+        while stack.logs().count(missing) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert "the broker has no 'retrace-commands' policy" in stack.logs()
+        for name in ("unprotected-worker", "unprotected-intake"):
+            assert missing in (stack.home / f"{name}.log").read_text(), stack.logs()
     finally:
         stack.down()
-    assert lonely.returncode is not None
