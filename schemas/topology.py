@@ -85,3 +85,16 @@ Each such queue holds its messages for its time, then dead-letters them back to
 :data:`EXCHANGE` under :data:`MIRROR_BUILD`'s topic: a retry with backoff that
 survives a restart of the worker and never hot-loops.
 """
+
+
+def mirror_wait_arguments(seconds: int) -> dict[str, object]:
+    """The arguments of the wait queue for ``seconds``: its TTL, then back to the mirror queue.
+
+    Arguments, not policies, on purpose: they are what the queue *is*; a different
+    delay is a different queue.
+    """
+    return {
+        "x-message-ttl": seconds * 1000,
+        "x-dead-letter-exchange": EXCHANGE,
+        "x-dead-letter-routing-key": MIRROR_BUILD.topic,
+    }

@@ -25,6 +25,7 @@ from schemas.topology import ANALYZE, TASK_FINISHED
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
 from services.common.bus import Publish, connect, declare_topology
+from services.common.bus import death_reason as bus_death_reason
 from services.common.spool import LOG, Spool
 from services.common.store import Store, TaskStatus
 
@@ -42,15 +43,8 @@ _WHY = {
 
 
 def death_reason(headers: dict[str, Any]) -> str:
-    """One plain sentence from a dead-lettered message's ``x-death`` header."""
-    deaths = headers.get("x-death") or []
-    first = deaths[-1] if deaths else {}  # the newest death is first; the original, last
-    reason = str(headers.get("x-first-death-reason") or first.get("reason") or "unknown")
-    queue = str(headers.get("x-first-death-queue") or first.get("queue") or "?")
-    why = _WHY.get(reason, "the broker dead-lettered the analyze command")
-    count = headers.get("x-delivery-count")
-    attempts = f" after {count} returns" if count is not None else ""
-    return f"{why[:1].upper()}{why[1:]} (RabbitMQ: {reason} on {queue}{attempts})."
+    """One plain sentence from a dead-lettered analyze command's ``x-death`` header."""
+    return bus_death_reason(headers, _WHY, "the broker dead-lettered the analyze command")
 
 
 def task_id_of(body: bytes) -> str | None:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+import pika
 import pika.exceptions
 
-from services.common.bus import PolicyError, apply_policies, connect, declare_topology
+from services.common.bus import (
+    PolicyError,
+    apply_policies,
+    connect,
+    declare_topology,
+    topology_definitions,
+)
 from services.common.logs import setup_logging
-from services.common.settings import ConfigError, load_settings
+from services.common.settings import ConfigError, Settings, load_settings
 from services.common.store import Store
 
 
@@ -19,7 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retrace-admin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the database schema")
-    sub.add_parser("topology", help="declare exchanges, queues and bindings on the broker")
+    topology = sub.add_parser(
+        "topology", help="declare exchanges, queues and bindings on the broker"
+    )
+    topology.add_argument(
+        "--export",
+        type=Path,
+        metavar="FILE",
+        help="write the topology and policies as a RabbitMQ definitions file instead",
+    )
     sub.add_parser(
         "policies",
         help="set the command queues' delivery limit and dead-lettering (management API)",
@@ -39,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"database schema: {before or 'empty'} -> {after}")
     elif args.command == "topology":
         arches = tuple(sorted({*settings.intake.arches, *settings.analyzer.arches}))
+        if args.export is not None:
+            return _export(settings, arches, args.export)
         try:
             connection = connect(settings.broker.url)
         except pika.exceptions.AMQPError as exc:
@@ -60,4 +78,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"policy applied to queues matching {policy['pattern']}: {policy['definition']}")
     else:
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+    return 0
+
+
+def definitions_text(settings: Settings, arches: tuple[str, ...]) -> str:
+    """The definitions file for ``settings``'s broker vhost, arches, delivery limit and delays."""
+    definitions = topology_definitions(
+        arches,
+        pika.URLParameters(settings.broker.url).virtual_host,
+        settings.broker.delivery_limit,
+        settings.mirror.retry_delays,
+    )
+    return json.dumps(definitions, indent=2) + "\n"
+
+
+def _export(settings: Settings, arches: tuple[str, ...], path: Path) -> int:
+    text = definitions_text(settings, arches)
+    try:
+        partial = path.with_name(path.name + ".part")
+        partial.write_text(text)
+        partial.replace(path)
+    except OSError as exc:
+        print(f"retrace-admin: cannot write {path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"topology for {', '.join(arches)} written to {path}")
     return 0

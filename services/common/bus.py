@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -31,7 +31,15 @@ from pika.exchange_type import ExchangeType
 from pika.spec import Basic, BasicProperties
 
 from schemas.messages import Message, parse
-from schemas.topology import COMMAND_POLICY, DEAD_LETTER_EXCHANGE, EXCHANGE, ROUTES, Route
+from schemas.topology import (
+    COMMAND_POLICY,
+    DEAD_LETTER_EXCHANGE,
+    EXCHANGE,
+    MIRROR_WAIT_QUEUE,
+    ROUTES,
+    Route,
+    mirror_wait_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +61,47 @@ def connect(url: str, heartbeat: int | None = None) -> pika.BlockingConnection:
     return pika.BlockingConnection(params)
 
 
-def declare_topology(channel: BlockingChannel, arches: tuple[str, ...]) -> None:
-    """Declare our exchange, quorum queues and bindings; safe to call any number of times.
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue of our topology, with its never-changing arguments and its bindings."""
 
-    Only arguments that can never change live here (the queue type).  Delivery
+    name: str
+    arguments: dict[str, Any]
+    bindings: tuple[tuple[str, str], ...]  # (exchange, routing key)
+
+
+EXCHANGES = (EXCHANGE, DEAD_LETTER_EXCHANGE)
+"""Our exchanges, both durable topic exchanges."""
+
+
+def topology_queues(arches: tuple[str, ...]) -> list[QueueSpec]:
+    """Every quorum queue of ours for ``arches``: command queues and their dead letters.
+
+    Only arguments that can never change belong here (the queue type).  Delivery
     limits and dead-lettering are policies, applied by ``retrace-admin``.
     """
-    channel.exchange_declare(EXCHANGE, exchange_type=ExchangeType("topic"), durable=True)
-    channel.exchange_declare(
-        DEAD_LETTER_EXCHANGE, exchange_type=ExchangeType("topic"), durable=True
-    )
     quorum = {"x-queue-type": "quorum"}
+    queues = []
     for route in ROUTES:
         if route.queue is None:
             continue
         for arch in arches if "{arch}" in route.queue else (None,):
-            queue = route.queue_for(arch)
-            channel.queue_declare(queue, durable=True, arguments=quorum)
-            channel.queue_bind(queue, EXCHANGE, routing_key=route.topic_for(arch))
+            key = route.topic_for(arch)
+            queues.append(QueueSpec(route.queue_for(arch), quorum, ((EXCHANGE, key),)))
             if route.command:
                 dead = route.dead_letter_queue_for(arch)
-                channel.queue_declare(dead, durable=True, arguments=quorum)
-                channel.queue_bind(dead, DEAD_LETTER_EXCHANGE, routing_key=route.topic_for(arch))
+                queues.append(QueueSpec(dead, quorum, ((DEAD_LETTER_EXCHANGE, key),)))
+    return queues
+
+
+def declare_topology(channel: BlockingChannel, arches: tuple[str, ...]) -> None:
+    """Declare our exchanges, quorum queues and bindings; safe to call any number of times."""
+    for exchange in EXCHANGES:
+        channel.exchange_declare(exchange, exchange_type=ExchangeType("topic"), durable=True)
+    for queue in topology_queues(arches):
+        channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+        for exchange, key in queue.bindings:
+            channel.queue_bind(queue.name, exchange, routing_key=key)
 
 
 # -- policies: delivery limit and dead-lettering, through the management HTTP API --
@@ -151,6 +178,65 @@ def apply_policies(management_url: str, broker_url: str, delivery_limit: int) ->
     return policy
 
 
+def topology_definitions(
+    arches: tuple[str, ...],
+    vhost: str,
+    delivery_limit: int,
+    wait_delays: tuple[int, ...] = (),
+) -> dict[str, Any]:
+    """The whole topology as a RabbitMQ definitions file (``rabbitmqctl import_definitions``).
+
+    Exchanges, queues and bindings come from :func:`topology_queues`, the policy from
+    :func:`command_policy`, the mirror's wait queues (for ``wait_delays`` seconds)
+    from :func:`schemas.topology.mirror_wait_arguments`: what the services declare
+    and ``retrace-admin policies`` applies, spelled nowhere else.
+    """
+    queues = topology_queues(arches)
+    waits = [
+        QueueSpec(MIRROR_WAIT_QUEUE.format(seconds=s), mirror_wait_arguments(s), ())
+        for s in wait_delays
+    ]
+    policy = command_policy(delivery_limit)
+    return {
+        "vhosts": [{"name": vhost}],
+        "exchanges": [
+            {
+                "name": name,
+                "vhost": vhost,
+                "type": "topic",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+            for name in EXCHANGES
+        ],
+        "queues": [
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                "arguments": q.arguments,
+            }
+            for q in [*queues, *waits]
+        ],
+        "bindings": [
+            {
+                "source": exchange,
+                "vhost": vhost,
+                "destination": q.name,
+                "destination_type": "queue",
+                "routing_key": key,
+                "arguments": {},
+            }
+            for q in queues
+            for exchange, key in q.bindings
+        ],
+        "policies": [{"vhost": vhost, "name": COMMAND_POLICY, **policy}],
+    }
+
+
 def policy_problem(management_url: str, broker_url: str) -> str | None:
     """Why the command queues lack their dead-lettering policy, or ``None`` if they have it."""
     try:
@@ -172,6 +258,98 @@ def policy_problem(management_url: str, broker_url: str) -> str | None:
             f"the '{COMMAND_POLICY}' policy differs from ours ({differing or 'no delivery-limit'})"
         )
     return None
+
+
+# -- dead letters: what the broker gave up on, and why --
+
+
+def death_reason(headers: Mapping[str, Any], why: Mapping[str, str], otherwise: str) -> str:
+    """One plain sentence from a dead-lettered message's ``x-death`` header.
+
+    ``why`` words each RabbitMQ reason (``delivery_limit``, ``rejected``, ``expired``,
+    ``maxlen``) for the kind of command at hand; ``otherwise`` words any other.
+    """
+    deaths = headers.get("x-death") or []
+    first = deaths[-1] if deaths else {}  # the newest death is first; the original, last
+    reason = str(headers.get("x-first-death-reason") or first.get("reason") or "unknown")
+    queue = str(headers.get("x-first-death-queue") or first.get("queue") or "?")
+    text = why.get(reason, otherwise)
+    count = headers.get("x-delivery-count")
+    attempts = f" after {count} returns" if count is not None else ""
+    return f"{text[:1].upper()}{text[1:]} (RabbitMQ: {reason} on {queue}{attempts})."
+
+
+DeadLetterHandler = Callable[[bytes, dict[str, Any]], None]
+"""Handles one dead-lettered body with its headers; raising requeues it for a later try."""
+
+
+class DeadLetterConsumer:
+    """Consumes dead-letter queues in a thread of its own, reconnecting when the broker goes."""
+
+    RETRY_SECONDS = 5
+
+    def __init__(
+        self,
+        url: str,
+        heartbeat: int,
+        arches: tuple[str, ...],
+        queues: list[str],
+        handler: DeadLetterHandler,
+    ) -> None:
+        self._url = url
+        self._heartbeat = heartbeat
+        self._arches = arches
+        self._queues = queues
+        self._handler = handler
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dead-letters", daemon=True)
+
+    def start(self) -> None:
+        """Start consuming in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop consuming and wait for the thread."""
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._consume()
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.error("dead-letter consumer lost the broker, retrying: %r", exc)
+                self._stopping.wait(self.RETRY_SECONDS)
+
+    def _consume(self) -> None:
+        connection = connect(self._url, self._heartbeat)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=1)
+            declare_topology(channel, self._arches)
+
+            def on_message(
+                ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+            ) -> None:
+                tag = method.delivery_tag
+                assert tag is not None
+                try:
+                    self._handler(body, dict(props.headers or {}))
+                except Exception:
+                    log.exception("a dead-lettered command could not be handled; requeued")
+                    ch.basic_nack(tag, requeue=True)
+                    self._stopping.wait(self.RETRY_SECONDS)
+                    return
+                ch.basic_ack(tag)
+
+            for queue in self._queues:
+                channel.basic_consume(queue, on_message)
+            log.info("consuming dead letters from %s", ", ".join(self._queues))
+            while channel.is_open and not self._stopping.is_set():
+                connection.process_data_events(time_limit=1)
+        finally:
+            if connection.is_open:
+                connection.close()
 
 
 def properties_for(route: Route, message: Message) -> BasicProperties:

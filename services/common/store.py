@@ -717,6 +717,16 @@ class Store:
             )
         return None if row is None else KojiBuild(**row)
 
+    def find_build(self, nvr: str) -> KojiBuild | None:
+        """What the mirror did with the Koji build named ``nvr``, if it ever saw it."""
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(koji_builds.select().where(koji_builds.c.nvr == nvr))
+                .mappings()
+                .first()
+            )
+        return None if row is None else KojiBuild(**row)
+
     def build_packages(self, build_id: int) -> list[Package]:
         """The mirrored packages that Koji build ``build_id`` brought."""
         query = (

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from services.common.bus import Publisher
+from services.common.bus import Publisher, policy_problem
 from services.common.logs import setup_logging
 from services.common.settings import ConfigError, load_settings
 from services.common.spool import Spool
 from services.common.store import SchemaMismatch, Store
 from services.intake.cleanup import Cleanup
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             publisher.close()
         print(f"retrace-intake cleanup: {report.summary()}")
         return 0
+    # Once, here, before gunicorn forks its workers: the intake publishes the commands
+    # whose dead-lettering the policy decides.
+    problem = policy_problem(settings.broker.management_url, settings.broker.url)
+    if problem:
+        log.warning("%s", problem)
     config = args.config or "python:services.intake.gunicorn_conf"
     gunicorn_argv = ["gunicorn", "-c", config]
     if args.bind:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from schemas.messages import MirrorAction, MirrorBuildV1
 from schemas.topology import MIRROR_BUILD
-from services.common.bus import Publisher, PublishError
+from services.common.bus import Publisher, PublishError, policy_problem
 from services.common.logs import setup_logging
 from services.common.rpm import RpmError
 from services.common.runner import CommandError
 from services.common.settings import ConfigError, Settings, load_settings, log_settings
 from services.common.store import SchemaMismatch, Store
+from services.mirror.deadletters import MirrorDeadLetters
 from services.mirror.fetcher import Fetcher
 from services.mirror.http import serve
 from services.mirror.importer import import_rpm
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
     if args.command == "import":
         return _import(store, settings, args.files, args.release)
     if args.command == "worker":
+        warn_policy(settings)
         return _worker(store, settings)
     if args.command == "listen":
+        warn_policy(settings)
         listen(settings, store, koji_for(settings))
         return 0
     if args.command == "sync":
@@ -83,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
     if args.command == "prune":
         return _prune(store, settings)
     return serve(settings, store, args.bind, args.workers)
+
+
+def warn_policy(settings: Settings) -> None:
+    """Log a warning when the broker lacks our command queues' dead-lettering policy."""
+    problem = policy_problem(settings.broker.management_url, settings.broker.url)
+    if problem:
+        log.warning("%s", problem)
 
 
 def _import(store: Store, settings: Settings, files: list[Path], release: str | None) -> int:
@@ -129,6 +139,7 @@ def _worker(store: Store, settings: Settings) -> int:
             settings.analyzer.arches[:1],
             settings.mirror.retry_delays,
             MirrorHandler(fetcher, waits),
+            MirrorDeadLetters(store, koji_for(settings)),
         )
     finally:
         waits.close()

@@ -21,8 +21,17 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from schemas.messages import MirrorBuildV1
-from schemas.topology import EXCHANGE, MIRROR_BUILD, MIRROR_WAIT_QUEUE
-from services.common.bus import Consumer, Delivery, PublishError, Reject, connect, properties_for
+from schemas.topology import MIRROR_BUILD, MIRROR_WAIT_QUEUE, mirror_wait_arguments
+from services.common.bus import (
+    Consumer,
+    DeadLetterConsumer,
+    DeadLetterHandler,
+    Delivery,
+    PublishError,
+    Reject,
+    connect,
+    properties_for,
+)
 from services.mirror.fetcher import BadDownload, Fetcher, UnknownBuild
 from services.mirror.koji import KojiError, KojiUnavailable
 
@@ -37,20 +46,10 @@ def wait_queue(seconds: int) -> str:
 
 
 def declare_wait_queues(channel: BlockingChannel, delays: tuple[int, ...]) -> None:
-    """Declare the wait queues for ``delays`` (seconds); safe to repeat.
-
-    Their TTL and dead-letter target are arguments, not policies, on purpose: they
-    are what the queue *is*; a different delay is a different queue.
-    """
+    """Declare the wait queues for ``delays`` (seconds); safe to repeat."""
     for seconds in delays:
         channel.queue_declare(
-            wait_queue(seconds),
-            durable=True,
-            arguments={
-                "x-message-ttl": seconds * 1000,
-                "x-dead-letter-exchange": EXCHANGE,
-                "x-dead-letter-routing-key": MIRROR_BUILD.topic,
-            },
+            wait_queue(seconds), durable=True, arguments=mirror_wait_arguments(seconds)
         )
 
 
@@ -152,8 +151,9 @@ def run_worker(
     arches: tuple[str, ...],
     delays: tuple[int, ...],
     handler: MirrorHandler,
+    dead_letters: DeadLetterHandler,
 ) -> None:
-    """Consume mirror commands until SIGTERM or SIGINT."""
+    """Consume mirror commands, and their dead letters, until SIGTERM or SIGINT."""
     connection = connect(url)
     try:
         declare_wait_queues(connection.channel(), delays)
@@ -166,4 +166,11 @@ def run_worker(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    consumer.run(MIRROR_BUILD, handler)
+    dead = DeadLetterConsumer(
+        url, heartbeat, arches, [MIRROR_BUILD.dead_letter_queue_for()], dead_letters
+    )
+    dead.start()
+    try:
+        consumer.run(MIRROR_BUILD, handler)
+    finally:
+        dead.stop()
