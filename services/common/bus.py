@@ -31,7 +31,15 @@ from pika.exchange_type import ExchangeType
 from pika.spec import Basic, BasicProperties
 
 from schemas.messages import Message, parse
-from schemas.topology import COMMAND_POLICY, DEAD_LETTER_EXCHANGE, EXCHANGE, ROUTES, Route
+from schemas.topology import (
+    COMMAND_POLICY,
+    DEAD_LETTER_EXCHANGE,
+    EXCHANGE,
+    ROUTES,
+    SUBSCRIPTIONS,
+    Route,
+    WaitRoute,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,31 @@ def declare_topology(channel: BlockingChannel, arches: tuple[str, ...]) -> None:
                 dead = route.dead_letter_queue_for(arch)
                 channel.queue_declare(dead, durable=True, arguments=quorum)
                 channel.queue_bind(dead, DEAD_LETTER_EXCHANGE, routing_key=route.topic_for(arch))
+    for subscription in SUBSCRIPTIONS:
+        queue = subscription.queue_for()
+        channel.queue_declare(queue, durable=True, arguments=quorum)
+        channel.queue_bind(queue, EXCHANGE, routing_key=subscription.topic_for())
+
+
+def declare_wait_queue(
+    channel: BlockingChannel, wait: WaitRoute, seconds: int, arch: str | None = None
+) -> str:
+    """Declare the queue where ``wait.route``'s messages wait ``seconds``; return its name.
+
+    Its TTL and dead-letter target are arguments, not policies, on purpose: they are
+    what the queue *is*; a different delay is a different queue.  Safe to repeat.
+    """
+    queue = wait.queue_for(seconds, arch)
+    channel.queue_declare(
+        queue,
+        durable=True,
+        arguments={
+            "x-message-ttl": seconds * 1000,
+            "x-dead-letter-exchange": EXCHANGE,
+            "x-dead-letter-routing-key": wait.route.topic_for(arch),
+        },
+    )
+    return queue
 
 
 # -- policies: delivery limit and dead-lettering, through the management HTTP API --
@@ -247,6 +280,34 @@ class Publisher:
                 continue
             return
 
+    def publish_later(
+        self, wait: WaitRoute, seconds: int, message: Message, arch: str | None = None
+    ) -> None:
+        """Park ``message`` for ``seconds`` in a wait queue, after which the broker
+        publishes it on ``wait.route`` (see :class:`~schemas.topology.WaitRoute`).
+
+        Raises :class:`PublishError` unless the broker took it.
+        """
+        if not isinstance(message, wait.route.model):
+            raise TypeError(f"{wait.queue} holds {wait.route.model.__name__}, not {type(message)}")
+        body = message.model_dump_json().encode()
+        queue = wait.queue_for(seconds, arch)
+        for attempt in (1, 2):
+            try:
+                channel = self._open()
+                declare_wait_queue(channel, wait, seconds, arch)
+                channel.basic_publish(
+                    "", queue, body, properties_for(wait.route, message), mandatory=True
+                )
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+                raise PublishError(f"the broker refused to park a message in {queue}") from exc
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self.close()
+                if attempt == 2:
+                    raise PublishError(f"the broker is unreachable: {exc!r}") from exc
+                continue
+            return
+
     def close(self) -> None:
         """Close the connection, if open."""
         connection, self._connection, self._channel = self._connection, None, None
@@ -257,6 +318,10 @@ class Publisher:
                 log.debug("closing a broken connection", exc_info=True)
 
 
+Later = Callable[[WaitRoute, int, Message, "str | None"], None]
+"""What a service needs to park a message: :meth:`Publisher.publish_later` or a fake."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One received message, parsed."""
@@ -264,6 +329,8 @@ class Delivery:
     message: Message
     redelivered: bool
     headers: dict[str, Any]
+    message_id: str | None = None
+    """The producer's id: kept by redeliveries and dead-lettering, new for each publish."""
 
 
 class Reject(Exception):
@@ -308,7 +375,8 @@ class Consumer:
         channel = connection.channel()
         channel.basic_qos(prefetch_count=1)
         declare_topology(channel, self._arches)
-        names = [route.queue_for(arch) for arch in self._arches]
+        # A queue without {arch} is one queue, however many arches are configured.
+        names = list(dict.fromkeys(route.queue_for(arch) for arch in self._arches))
 
         def on_message(
             ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
@@ -350,7 +418,9 @@ class Consumer:
             log.error("rejecting a malformed %s message: %s", route.topic, exc)
             channel.basic_reject(tag, requeue=False)
             return
-        delivery = Delivery(message, bool(method.redelivered), dict(props.headers or {}))
+        delivery = Delivery(
+            message, bool(method.redelivered), dict(props.headers or {}), props.message_id
+        )
 
         def work() -> None:
             error: BaseException | None = None
