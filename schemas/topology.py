@@ -118,3 +118,6 @@ Each such queue holds its messages for its time, then dead-letters them back to
 :data:`EXCHANGE` under :data:`MIRROR_BUILD`'s topic: a retry with backoff that
 survives a restart of the worker and never hot-loops.
 """
+
+MIRROR_WAIT = WaitRoute(MIRROR_BUILD, MIRROR_WAIT_QUEUE)
+"""The same wait queues as a :class:`WaitRoute`, for the shared helpers of the bus."""

@@ -281,10 +281,16 @@ class Publisher:
             return
 
     def publish_later(
-        self, wait: WaitRoute, seconds: int, message: Message, arch: str | None = None
+        self,
+        wait: WaitRoute,
+        seconds: int,
+        message: Message,
+        arch: str | None = None,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         """Park ``message`` for ``seconds`` in a wait queue, after which the broker
-        publishes it on ``wait.route`` (see :class:`~schemas.topology.WaitRoute`).
+        publishes it on ``wait.route`` (see :class:`~schemas.topology.WaitRoute`), with
+        ``headers`` added to the usual ones (a retry count, say).
 
         Raises :class:`PublishError` unless the broker took it.
         """
@@ -296,9 +302,9 @@ class Publisher:
             try:
                 channel = self._open()
                 declare_wait_queue(channel, wait, seconds, arch)
-                channel.basic_publish(
-                    "", queue, body, properties_for(wait.route, message), mandatory=True
-                )
+                props = properties_for(wait.route, message)
+                props.headers = {**(props.headers or {}), **(headers or {})}
+                channel.basic_publish("", queue, body, props, mandatory=True)
             except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
                 raise PublishError(f"the broker refused to park a message in {queue}") from exc
             except (pika.exceptions.AMQPError, OSError) as exc:

@@ -47,17 +47,17 @@ class Spy:
         self.requests: list[MirrorBuildV1] = []
         self.finished: list[TaskFinishedV1] = []
 
+    def _bodies(self, topic: str) -> list[bytes | str]:
+        bodies: list[bytes | str] = []
+        while True:
+            method, _props, body = self.channel.basic_get(self.queues[topic], auto_ack=True)
+            if method is None or body is None:
+                return bodies
+            bodies.append(body)
+
     def drain(self) -> None:
-        for topic, seen in (
-            (MIRROR_BUILD.topic, self.requests),
-            (TASK_FINISHED.topic, self.finished),
-        ):
-            while True:
-                method, _props, body = self.channel.basic_get(self.queues[topic], auto_ack=True)
-                if method is None or body is None:
-                    break
-                model = MirrorBuildV1 if topic == MIRROR_BUILD.topic else TaskFinishedV1
-                seen.append(parse(model, body))  # type: ignore[arg-type]
+        self.requests += [parse(MirrorBuildV1, b) for b in self._bodies(MIRROR_BUILD.topic)]
+        self.finished += [parse(TaskFinishedV1, b) for b in self._bodies(TASK_FINISHED.topic)]
 
     def requested(self, nvr: str) -> int:
         self.drain()
