@@ -44,6 +44,10 @@ class AnalyzeTaskV1(Message):
     arch: Arch
     task_type: TaskType = TaskType.RETRACE
     submitted_at: datetime = Field(default_factory=_now)
+    fetch_attempt: int = Field(default=0, ge=0)
+    """How many times the task had asked the mirror for its crashed build when this
+    copy was sent (0 for the intake's command); a copy older than the task's last
+    request is stale and does nothing."""
 
 
 class Outcome(StrEnum):

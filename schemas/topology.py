@@ -78,6 +78,51 @@ BUILD_SYNCED = Route(
 
 ROUTES: tuple[Route, ...] = (ANALYZE, TASK_FINISHED, MIRROR_BUILD, BUILD_SYNCED)
 
+ANALYZER_BUILD_SYNCED = Route(
+    model=BuildSyncedV1,
+    topic=BUILD_SYNCED.topic,
+    queue="retrace.analyzer.build-synced",
+    command=False,
+)
+"""The analyzers' own copy of every build-synced event: it wakes tasks waiting for a build."""
+
+SUBSCRIPTIONS: tuple[Route, ...] = (ANALYZER_BUILD_SYNCED,)
+"""Queues through which one of our services subscribes to an event of :data:`ROUTES`."""
+
+
+@dataclass(frozen=True)
+class WaitRoute:
+    """Where a route's messages wait before the broker hands them back to it.
+
+    Each queue holds its messages for its time (``{seconds}`` in the name), then
+    dead-letters them to :data:`EXCHANGE` under the route's topic: a retry after a
+    delay that survives restarts and never loops hot.
+    """
+
+    route: Route
+    queue: str
+
+    def queue_for(self, seconds: int, arch: str | None = None) -> str:
+        """The wait queue holding messages for ``seconds`` (for ``arch``, where routed so)."""
+        return self.queue.format(seconds=seconds, arch=arch)
+
+    def arguments(self, seconds: int, arch: str | None = None) -> dict[str, object]:
+        """The wait queue's arguments: its TTL, then back to the route's topic.
+
+        Arguments, not policies, on purpose: they are what the queue *is*; a
+        different delay is a different queue.
+        """
+        return {
+            "x-message-ttl": seconds * 1000,
+            "x-dead-letter-exchange": EXCHANGE,
+            "x-dead-letter-routing-key": self.route.topic_for(arch),
+        }
+
+
+ANALYZE_WAIT = WaitRoute(ANALYZE, "retrace.analyze.{arch}.wait.{seconds}s")
+"""Where an analyze command waits for the mirror to fetch its crashed build
+(``analyzer.fetch_wait_seconds``)."""
+
 MIRROR_WAIT_QUEUE = "retrace.mirror.build.wait.{seconds}s"
 """Where a mirror command waits out a Koji outage for ``seconds`` (``mirror.retry_delays``).
 
@@ -86,15 +131,10 @@ Each such queue holds its messages for its time, then dead-letters them back to
 survives a restart of the worker and never hot-loops.
 """
 
+MIRROR_WAIT = WaitRoute(MIRROR_BUILD, MIRROR_WAIT_QUEUE)
+"""The same wait queues as a :class:`WaitRoute`, for the shared helpers of the bus."""
+
 
 def mirror_wait_arguments(seconds: int) -> dict[str, object]:
-    """The arguments of the wait queue for ``seconds``: its TTL, then back to the mirror queue.
-
-    Arguments, not policies, on purpose: they are what the queue *is*; a different
-    delay is a different queue.
-    """
-    return {
-        "x-message-ttl": seconds * 1000,
-        "x-dead-letter-exchange": EXCHANGE,
-        "x-dead-letter-routing-key": MIRROR_BUILD.topic,
-    }
+    """The mirror's wait queue arguments for ``seconds`` (:meth:`WaitRoute.arguments`)."""
+    return MIRROR_WAIT.arguments(seconds)

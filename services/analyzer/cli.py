@@ -14,6 +14,7 @@ import pika.exceptions
 from schemas.topology import ANALYZE
 from services.analyzer.deadletters import DeadLetterConsumer, DeadLetterHandler
 from services.analyzer.debugshell import ShellError, open_shell
+from services.analyzer.fetch import BuildSyncedHandler, BuildSyncedListener
 from services.analyzer.retrace import sandbox_for
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import SandboxUnavailable
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         RootCache(cache_dir, settings.repo, settings.analyzer.cache_max_mib << 20),
         publisher.publish,
         cache_dir / "work",
+        publisher.publish_later,
     )
     consumer = Consumer(settings.broker.url, settings.broker.heartbeat, settings.analyzer.arches)
     dead_publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
@@ -72,19 +74,30 @@ def main(argv: list[str] | None = None) -> int:
         DeadLetterHandler(store, Spool(settings.spool), dead_publisher.publish),
     )
 
+    synced_publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    synced = BuildSyncedListener(
+        settings.broker.url,
+        settings.broker.heartbeat,
+        settings.analyzer.arches,
+        BuildSyncedHandler(store, synced_publisher.publish),
+    )
+
     def stop(_signum: int, _frame: FrameType | None) -> None:
         consumer.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     dead_letters.start()
+    synced.start()
     try:
         consumer.run(ANALYZE, handler)
     except pika.exceptions.AMQPConnectionError as exc:
         print(f"retrace-analyzer: cannot reach the broker: {exc!r}", file=sys.stderr)
         return 1
     finally:
+        synced.stop()
         dead_letters.stop()
+        synced_publisher.close()
         dead_publisher.close()
         publisher.close()
     return 0

@@ -7,6 +7,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from schemas.messages import MirrorBuildV1
 from services.analyzer.coredump import CoreError, Module, check_complete, read_modules
 from services.analyzer.debugshell import write_manifest
 from services.analyzer.dwz import find_dwz_package, read_altlink
@@ -25,6 +28,14 @@ from services.common.store import Package, Store
 
 class RetraceFailure(Exception):
     """The crash cannot be retraced; the message is the one sentence the user reads."""
+
+
+class WaitForBuild(Exception):
+    """The crashed package's build ``nvr`` is not mirrored: ask the mirror, retry later."""
+
+    def __init__(self, nvr: str) -> None:
+        super().__init__(nvr)
+        self.nvr = nvr
 
 
 @dataclass(frozen=True)
@@ -48,16 +59,19 @@ class Job:
     set_progress: Callable[[str], None]
     # Where a debug task keeps its exact package set (None for other tasks).
     manifest: Path | None = None
+    # How many times the task has asked the mirror for its crashed build.
+    fetch_attempt: int = 0
 
 
 def retrace(job: Job) -> Retrace:
-    """Retrace the crash in ``job.crash_dir``; raise :class:`RetraceFailure` saying why not."""
+    """Retrace the crash in ``job.crash_dir``; raise :class:`RetraceFailure` saying why not,
+    or :class:`WaitForBuild` to wait for the mirror to fetch the crashed build."""
     core = job.crash_dir / "coredump"
     executable = (job.crash_dir / "executable").read_text(encoding="utf-8").strip()
     job.set_progress(progress.ANALYZE)
     arch, modules = read_core(job, core, executable)
     resolution = find_packages(job, modules, arch)
-    check_crashed_build(job, resolution)
+    check_crashed_build(job, resolution, arch)
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
     with ExitStack() as leases:
@@ -134,25 +148,50 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     return resolution
 
 
-def check_crashed_build(job: Job, resolution: Resolution) -> None:
-    """Step 2c: say so when the crashed package's own build is not mirrored.
+def check_crashed_build(job: Job, resolution: Resolution, arch: str) -> None:
+    """Step 2c: when the crashed package's own build is not mirrored, wait for it.
 
-    This is the seam for fetching it on demand (the mirror's command, by NVR, then a
-    retry through a wait queue, up to a limit): until that command exists (issue #5)
-    the retrace goes on with what is available, and the log says what is missing.
+    Raises :class:`WaitForBuild` (the analyzer asks the mirror for the build by NVR
+    and retries the task later) until the task has asked ``fetch_attempts`` times;
+    then the retrace goes on with what is available, and the log says what is missing.
     """
     hints = read_hints(job.crash_dir)
     if not hints:
         return
     crashed = hints[0]
+    nvr = f"{crashed.name}-{crashed.version}-{crashed.release}"
     served = {(p.nevra.name, p.nevra.version, p.nevra.release) for p in resolution.packages}
     if (crashed.name, crashed.version, crashed.release) in served:
+        if job.fetch_attempt:
+            job.log.add(f"The crashed package's build {nvr} was fetched by the mirror on request")
         return
-    nvr = f"{crashed.name}-{crashed.version}-{crashed.release}"
+    if job.store.has_build(crashed.name, crashed.version, crashed.release, arch):
+        job.log.warn(
+            f"the crashed package {nvr} is mirrored but serves none of the core's modules; "
+            "the backtrace shows what the mirror has"
+        )
+        return
+    asked, limit = job.fetch_attempt, job.settings.fetch_attempts
+    if asked < limit and _is_nvr(nvr):
+        raise WaitForBuild(nvr)
+    if asked:
+        job.log.warn(
+            f"the crashed package's build {nvr} could not be fetched: the mirror was asked "
+            f"{asked} times and does not have it; the backtrace shows what the mirror has"
+        )
+        return
     job.log.warn(
         f"the crashed package {nvr} is not among the mirrored packages that serve this "
         "core; the backtrace shows what the mirror has"
     )
+
+
+def _is_nvr(text: str) -> bool:
+    try:
+        MirrorBuildV1(build=text)
+    except ValidationError:
+        return False
+    return True
 
 
 def use_hints(job: Job, resolution: Resolution, arch: str) -> None:

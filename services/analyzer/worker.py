@@ -12,12 +12,13 @@ from pathlib import Path
 from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, TaskType
 from schemas.topology import TASK_FINISHED
 from services.analyzer.debugshell import MANIFEST
+from services.analyzer.fetch import Fetches
 from services.analyzer.results import backtrace_json
-from services.analyzer.retrace import Job, Retrace, RetraceFailure, retrace
+from services.analyzer.retrace import Job, Retrace, RetraceFailure, WaitForBuild, retrace
 from services.analyzer.rootcache import RootCache
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
-from services.common.bus import Delivery, Publish
+from services.common.bus import Delivery, Later, Publish
 from services.common.settings import AnalyzerSettings
 from services.common.spool import BACKTRACE, BACKTRACE_JSON, LOG, Spool
 from services.common.store import Store, TaskStatus
@@ -36,6 +37,7 @@ class AnalyzeHandler:
         cache: RootCache,
         publish: Publish,
         work_root: Path,
+        later: Later,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -43,11 +45,14 @@ class AnalyzeHandler:
         self._cache = cache
         self._publish = publish
         self._work_root = work_root
+        self._fetches = Fetches(settings, store, publish, later)
 
     def __call__(self, delivery: Delivery) -> None:
         command = delivery.message
         assert isinstance(command, AnalyzeTaskV1)
         task_id = command.task_id
+        if not self._fetches.admit(delivery):
+            return
         # A redelivery after a dead analyzer finds the task still running: take it over.
         # The intake marks a task queued only after its command is published, so the
         # command can arrive while the task is still "submitting".
@@ -80,10 +85,14 @@ class AnalyzeHandler:
                     if command.task_type == TaskType.DEBUG
                     else None
                 ),
+                fetch_attempt=command.fetch_attempt,
             )
             outcome = retrace(job)
         except RetraceFailure as failure:
             outcome = failure
+        except WaitForBuild as wait:
+            self._fetches.park(command, wait.nvr)
+            return
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         self._finish(command, tasklog, outcome)

@@ -37,7 +37,9 @@ from schemas.topology import (
     EXCHANGE,
     MIRROR_WAIT_QUEUE,
     ROUTES,
+    SUBSCRIPTIONS,
     Route,
+    WaitRoute,
     mirror_wait_arguments,
 )
 
@@ -75,7 +77,7 @@ EXCHANGES = (EXCHANGE, DEAD_LETTER_EXCHANGE)
 
 
 def topology_queues(arches: tuple[str, ...]) -> list[QueueSpec]:
-    """Every quorum queue of ours for ``arches``: command queues and their dead letters.
+    """Every quorum queue of ours for ``arches``: commands, their dead letters, subscriptions.
 
     Only arguments that can never change belong here (the queue type).  Delivery
     limits and dead-lettering are policies, applied by ``retrace-admin``.
@@ -91,6 +93,10 @@ def topology_queues(arches: tuple[str, ...]) -> list[QueueSpec]:
             if route.command:
                 dead = route.dead_letter_queue_for(arch)
                 queues.append(QueueSpec(dead, quorum, ((DEAD_LETTER_EXCHANGE, key),)))
+    for subscription in SUBSCRIPTIONS:
+        queues.append(
+            QueueSpec(subscription.queue_for(), quorum, ((EXCHANGE, subscription.topic_for()),))
+        )
     return queues
 
 
@@ -102,6 +108,18 @@ def declare_topology(channel: BlockingChannel, arches: tuple[str, ...]) -> None:
         channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
         for exchange, key in queue.bindings:
             channel.queue_bind(queue.name, exchange, routing_key=key)
+
+
+def declare_wait_queue(
+    channel: BlockingChannel, wait: WaitRoute, seconds: int, arch: str | None = None
+) -> str:
+    """Declare the queue where ``wait.route``'s messages wait ``seconds``; return its name.
+
+    Safe to repeat; the queue's arguments are :meth:`WaitRoute.arguments`.
+    """
+    queue = wait.queue_for(seconds, arch)
+    channel.queue_declare(queue, durable=True, arguments=wait.arguments(seconds, arch))
+    return queue
 
 
 # -- policies: delivery limit and dead-lettering, through the management HTTP API --
@@ -425,6 +443,40 @@ class Publisher:
                 continue
             return
 
+    def publish_later(
+        self,
+        wait: WaitRoute,
+        seconds: int,
+        message: Message,
+        arch: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Park ``message`` for ``seconds`` in a wait queue, after which the broker
+        publishes it on ``wait.route`` (see :class:`~schemas.topology.WaitRoute`), with
+        ``headers`` added to the usual ones (a retry count, say).
+
+        Raises :class:`PublishError` unless the broker took it.
+        """
+        if not isinstance(message, wait.route.model):
+            raise TypeError(f"{wait.queue} holds {wait.route.model.__name__}, not {type(message)}")
+        body = message.model_dump_json().encode()
+        queue = wait.queue_for(seconds, arch)
+        for attempt in (1, 2):
+            try:
+                channel = self._open()
+                declare_wait_queue(channel, wait, seconds, arch)
+                props = properties_for(wait.route, message)
+                props.headers = {**(props.headers or {}), **(headers or {})}
+                channel.basic_publish("", queue, body, props, mandatory=True)
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+                raise PublishError(f"the broker refused to park a message in {queue}") from exc
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self.close()
+                if attempt == 2:
+                    raise PublishError(f"the broker is unreachable: {exc!r}") from exc
+                continue
+            return
+
     def close(self) -> None:
         """Close the connection, if open."""
         connection, self._connection, self._channel = self._connection, None, None
@@ -435,6 +487,10 @@ class Publisher:
                 log.debug("closing a broken connection", exc_info=True)
 
 
+Later = Callable[[WaitRoute, int, Message, "str | None"], None]
+"""What a service needs to park a message: :meth:`Publisher.publish_later` or a fake."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One received message, parsed."""
@@ -442,6 +498,8 @@ class Delivery:
     message: Message
     redelivered: bool
     headers: dict[str, Any]
+    message_id: str | None = None
+    """The producer's id: kept by redeliveries and dead-lettering, new for each publish."""
 
 
 class Reject(Exception):
@@ -486,7 +544,8 @@ class Consumer:
         channel = connection.channel()
         channel.basic_qos(prefetch_count=1)
         declare_topology(channel, self._arches)
-        names = [route.queue_for(arch) for arch in self._arches]
+        # A queue without {arch} is one queue, however many arches are configured.
+        names = list(dict.fromkeys(route.queue_for(arch) for arch in self._arches))
 
         def on_message(
             ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
@@ -528,7 +587,9 @@ class Consumer:
             log.error("rejecting a malformed %s message: %s", route.topic, exc)
             channel.basic_reject(tag, requeue=False)
             return
-        delivery = Delivery(message, bool(method.redelivered), dict(props.headers or {}))
+        delivery = Delivery(
+            message, bool(method.redelivered), dict(props.headers or {}), props.message_id
+        )
 
         def work() -> None:
             error: BaseException | None = None

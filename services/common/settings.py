@@ -89,6 +89,9 @@ class AnalyzerSettings(_Section):
     sandbox: Literal["bwrap", "none"] = "bwrap"
     gdb_memory_mib: int = Field(default=8192, ge=256)
     cache_max_mib: int = Field(default=20480, ge=1)
+    # A crash of a build the mirror lacks: ask the mirror for it, wait, retry.
+    fetch_wait_seconds: int = Field(default=120, ge=1)
+    fetch_attempts: int = Field(default=3, ge=0)
 
 
 class MirrorSettings(_Section):

@@ -131,6 +131,23 @@ mirror_cursors = sa.Table(
     sa.Column("value", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Tasks waiting for the mirror to fetch their crashed build (migration 0300): how many
+# times each asked, and which copy of its command woke it (a message id).
+task_fetches = sa.Table(
+    "task_fetches",
+    metadata,
+    sa.Column(
+        "task_id",
+        sa.String(64),
+        sa.ForeignKey("tasks.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("nvr", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("woken_by", sa.String(64)),
+    sa.Column("parked_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 
 class TaskStatus(StrEnum):
     """A task's life: submitting → queued → running → success | failure."""
@@ -227,6 +244,21 @@ class KojiBuild:
     reason: str | None
     completed_at: datetime | None
     synced_at: datetime
+
+
+@dataclass(frozen=True)
+class TaskFetch:
+    """One row of ``task_fetches``: a task that asked the mirror for its crashed build."""
+
+    task_id: str
+    nvr: str
+    attempts: int
+    woken_by: str | None
+    parked_at: datetime
+
+
+class _Superseded(Exception):
+    """Rolls back a transaction whose guard found another attempt ahead of it."""
 
 
 def _utcnow() -> datetime:
@@ -401,6 +433,90 @@ class Store:
                 tasks.delete().where(tasks.c.id == task_id, tasks.c.status == status)
             )
         return result.rowcount == 1
+
+    # -- tasks waiting for a build --------------------------------------------
+
+    def task_fetch(self, task_id: str) -> TaskFetch | None:
+        """Whether, for which build and how often task ``task_id`` asked the mirror."""
+        query = task_fetches.select().where(task_fetches.c.task_id == task_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else TaskFetch(**row)
+
+    def park_task(self, task_id: str, nvr: str, attempt: int, progress: str) -> bool:
+        """Record the ``attempt``-th request of a running task for build ``nvr`` and
+        move the task back to ``queued``, in one transaction.
+
+        Guarded: nothing changes (``False``) unless the task is running and its
+        previous request was the ``attempt - 1``-th, so of two copies of one command
+        only one parks the task.
+        """
+        now = _utcnow()
+        try:
+            with self._tx() as conn:
+                if attempt == 1:
+                    conn.execute(
+                        task_fetches.insert().values(
+                            task_id=task_id, nvr=nvr, attempts=1, woken_by=None, parked_at=now
+                        )
+                    )
+                else:
+                    done = conn.execute(
+                        task_fetches.update()
+                        .where(
+                            task_fetches.c.task_id == task_id,
+                            task_fetches.c.attempts == attempt - 1,
+                        )
+                        .values(nvr=nvr, attempts=attempt, woken_by=None, parked_at=now)
+                    )
+                    if done.rowcount != 1:
+                        raise _Superseded
+                moved = conn.execute(
+                    tasks.update()
+                    .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.RUNNING)
+                    .values(status=TaskStatus.QUEUED, progress=progress)
+                )
+                if moved.rowcount != 1:
+                    raise _Superseded
+        except (_Superseded, sa.exc.IntegrityError):
+            return False
+        return True
+
+    def wake_task(self, task_id: str, attempt: int, token: str) -> bool:
+        """Let the copy ``token`` of a parked task's command run it; whether it may.
+
+        The first copy of the ``attempt``-th wait to get here wins (the build-synced
+        republish or the wait queue's own copy); the other finds the task woken and
+        does nothing.  A redelivery of the winner (same ``token``) wins again.
+        """
+        with self._tx() as conn:
+            done = conn.execute(
+                task_fetches.update()
+                .where(
+                    task_fetches.c.task_id == task_id,
+                    task_fetches.c.attempts == attempt,
+                    sa.or_(task_fetches.c.woken_by.is_(None), task_fetches.c.woken_by == token),
+                )
+                .values(woken_by=token)
+            )
+        return done.rowcount == 1
+
+    def tasks_waiting_for(self, nvr: str) -> list[tuple[Task, TaskFetch]]:
+        """The tasks parked until build ``nvr`` is mirrored, and not yet woken."""
+        query = (
+            sa.select(tasks, *[c.label(f"fetch_{c.name}") for c in task_fetches.c])
+            .join(task_fetches, task_fetches.c.task_id == tasks.c.id)
+            .where(task_fetches.c.nvr == nvr, task_fetches.c.woken_by.is_(None))
+            .order_by(task_fetches.c.parked_at)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        found = []
+        for row in rows:
+            fetch = {k.removeprefix("fetch_"): v for k, v in row.items() if k.startswith("fetch_")}
+            task = {k: v for k, v in row.items() if not k.startswith("fetch_")}
+            found.append((_task(task), TaskFetch(**fetch)))
+        return found
 
     # -- passwords ------------------------------------------------------------
 

@@ -88,7 +88,13 @@ def stack(
     make_broker_url: Callable[[], str],
     crash_fixtures: Fixtures,
 ) -> Iterator[Stack]:
-    stack = start_stack(tmp_path_factory.mktemp("analyzer"), make_broker_url(), crash_fixtures)
+    # Fetching unmirrored builds on demand is test_analyzer_fetch.py's; here it is off.
+    stack = start_stack(
+        tmp_path_factory.mktemp("analyzer"),
+        make_broker_url(),
+        crash_fixtures,
+        overrides={"RETRACE_ANALYZER__FETCH_ATTEMPTS": "0"},
+    )
     yield stack
     stack.down()
 
@@ -284,8 +290,8 @@ def test_a_command_that_overtakes_the_intakes_queued_mark_is_still_run(
 def test_an_unmirrored_crashed_build_is_named_and_the_retrace_goes_on(
     analyzer: Analyzer, broken: Path
 ) -> None:
-    # The crash says it came from a build the mirror lacks; fetching it on demand is
-    # the mirror's command (issue #5), so for now the log says so and the retrace goes on.
+    # The crash says it came from a build the mirror lacks, and this analyzer does not
+    # ask the mirror for it (fetch_attempts = 0): the log says so and the retrace goes on.
     (broken / "package").write_text("crasher-1.0-2.fc40")
     task_id = analyzer.inject(broken, "unmirrored-build")
     assert analyzer.wait(task_id) == TaskStatus.SUCCESS

@@ -1,6 +1,7 @@
 """Producers forbid unknown fields; consumers ignore them (rolling upgrades)."""
 
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -12,7 +13,15 @@ from schemas.messages import (
     consumer_schema,
     parse,
 )
-from schemas.topology import ANALYZE, ROUTES, TASK_FINISHED
+from schemas.topology import (
+    ANALYZE,
+    ANALYZE_WAIT,
+    MIRROR_WAIT,
+    ROUTES,
+    SUBSCRIPTIONS,
+    TASK_FINISHED,
+)
+from services.common.bus import command_queue_pattern
 
 
 def test_producer_refuses_an_unknown_field() -> None:
@@ -67,3 +76,15 @@ def test_every_route_is_named_once_and_versioned() -> None:
     assert ANALYZE.queue_for("aarch64") == "retrace.analyze.aarch64"
     with pytest.raises(ValueError, match="event"):
         TASK_FINISHED.queue_for()
+
+
+def test_wait_queues_are_named_in_the_table_and_escape_the_command_policy() -> None:
+    assert ANALYZE_WAIT.queue_for(120, "x86_64") == "retrace.analyze.x86_64.wait.120s"
+    assert MIRROR_WAIT.queue_for(15) == "retrace.mirror.build.wait.15s"
+    assert ANALYZE_WAIT.route is ANALYZE
+    pattern = command_queue_pattern()
+    # A wait queue dead-letters back to its route; the command policy must not redirect it.
+    assert re.fullmatch(pattern, ANALYZE_WAIT.queue_for(120, "x86_64")) is None
+    assert re.fullmatch(pattern, ANALYZE.queue_for("x86_64")) is not None
+    assert [s.queue_for() for s in SUBSCRIPTIONS] == ["retrace.analyzer.build-synced"]
+    assert all(s.topic in {r.topic for r in ROUTES} and not s.command for s in SUBSCRIPTIONS)

@@ -84,3 +84,41 @@ def test_a_different_file_under_a_known_nevra_is_refused(store: Store) -> None:
 def test_nevra_prints_as_rpm_does() -> None:
     assert str(Nevra("glibc", 0, "2.36", "9.fc40", "x86_64")) == "glibc-2.36-9.fc40.x86_64"
     assert str(Nevra("bash", 2, "5.2", "1.fc40", "x86_64")) == "bash-2:5.2-1.fc40.x86_64"
+
+
+def test_a_task_waiting_for_its_build_is_parked_once_and_woken_once(store: Store) -> None:
+    store.create_task("waiting-1", "digest", "x86_64", "retrace", "queued")
+    assert store.move_task("waiting-1", [TaskStatus.SUBMITTING], TaskStatus.RUNNING)
+    assert store.park_task("waiting-1", "crasher-1.0-2.fc40", 1, "Downloading remote resources")
+    # A second copy of the same command cannot park it again.
+    assert not store.park_task("waiting-1", "crasher-1.0-2.fc40", 1, "again")
+    task = store.get_task("waiting-1")
+    assert task is not None
+    assert (task.status, task.progress) == (TaskStatus.QUEUED, "Downloading remote resources")
+    [(waiting, fetch)] = store.tasks_waiting_for("crasher-1.0-2.fc40")
+    assert (waiting.id, fetch.attempts, fetch.woken_by) == ("waiting-1", 1, None)
+    assert store.tasks_waiting_for("crasher-1.0-1.fc40") == []
+
+    assert store.wake_task("waiting-1", 1, "republished")
+    assert not store.wake_task("waiting-1", 1, "from-the-wait-queue")
+    assert store.wake_task("waiting-1", 1, "republished")  # its redelivery
+    assert store.tasks_waiting_for("crasher-1.0-2.fc40") == []
+
+    # The woken copy finds the build still missing and parks the task again.
+    assert store.move_task("waiting-1", [TaskStatus.QUEUED], TaskStatus.RUNNING)
+    assert not store.park_task("waiting-1", "crasher-1.0-2.fc40", 3, "skipped one")
+    assert store.park_task("waiting-1", "crasher-1.0-2.fc40", 2, "second request")
+    assert not store.wake_task("waiting-1", 1, "a stale copy")
+    again = store.task_fetch("waiting-1")
+    assert again is not None
+    assert (again.attempts, again.woken_by) == (2, None)
+
+    store.delete_task("waiting-1")
+    assert store.task_fetch("waiting-1") is None
+
+
+def test_only_a_running_task_is_parked(store: Store) -> None:
+    store.create_task("finished-1", "digest", "x86_64", "retrace", "queued")
+    assert store.move_task("finished-1", [TaskStatus.SUBMITTING], TaskStatus.FAILURE)
+    assert not store.park_task("finished-1", "crasher-1.0-2.fc40", 1, "too late")
+    assert store.task_fetch("finished-1") is None
