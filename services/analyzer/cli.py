@@ -12,14 +12,14 @@ from types import FrameType
 import pika.exceptions
 
 from schemas.topology import ANALYZE
-from services.analyzer.deadletters import DeadLetterConsumer, DeadLetterHandler
+from services.analyzer.deadletters import DeadLetterHandler
 from services.analyzer.debugshell import ShellError, open_shell
 from services.analyzer.fetch import BuildSyncedHandler, BuildSyncedListener
 from services.analyzer.retrace import sandbox_for
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import SandboxUnavailable
 from services.analyzer.worker import AnalyzeHandler
-from services.common.bus import Consumer, Publisher, policy_problem
+from services.common.bus import Consumer, DeadLetterConsumer, Publisher, policy_problem
 from services.common.logs import setup_logging
 from services.common.runner import CommandError
 from services.common.settings import ConfigError, load_settings, log_settings
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.broker.url,
         settings.broker.heartbeat,
         settings.analyzer.arches,
+        [ANALYZE.dead_letter_queue_for(arch) for arch in settings.analyzer.arches],
         DeadLetterHandler(store, Spool(settings.spool), dead_publisher.publish),
     )
 

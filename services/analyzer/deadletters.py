@@ -12,19 +12,13 @@ import json
 import logging
 import re
 import shutil
-import threading
 from typing import Any
 
-import pika
-import pika.exceptions
-from pika.adapters.blocking_connection import BlockingChannel
-from pika.spec import Basic, BasicProperties
-
 from schemas.messages import Outcome, TaskFinishedV1
-from schemas.topology import ANALYZE, TASK_FINISHED
+from schemas.topology import TASK_FINISHED
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
-from services.common.bus import Publish, connect, declare_topology
+from services.common.bus import Publish
 from services.common.bus import death_reason as bus_death_reason
 from services.common.spool import LOG, Spool
 from services.common.store import Store, TaskStatus
@@ -94,63 +88,3 @@ class DeadLetterHandler:
         )
         self._publish(TASK_FINISHED, event, None)
         log.info("dead-lettered task %s failed: %s", task_id, reason)
-
-
-class DeadLetterConsumer:
-    """Consumes the analyze dead-letter queues in a thread of its own."""
-
-    def __init__(
-        self, url: str, heartbeat: int, arches: tuple[str, ...], handler: DeadLetterHandler
-    ) -> None:
-        self._url = url
-        self._heartbeat = heartbeat
-        self._arches = arches
-        self._handler = handler
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dead-letters", daemon=True)
-
-    def start(self) -> None:
-        """Start consuming in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop consuming and wait for the thread."""
-        self._stopping.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._consume()
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                log.error("dead-letter consumer lost the broker, retrying: %r", exc)
-                self._stopping.wait(5)
-
-    def _consume(self) -> None:
-        connection = connect(self._url, self._heartbeat)
-        try:
-            channel = connection.channel()
-            channel.basic_qos(prefetch_count=1)
-            declare_topology(channel, self._arches)
-
-            def on_message(
-                ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
-            ) -> None:
-                tag = method.delivery_tag
-                assert tag is not None
-                try:
-                    self._handler(body, dict(props.headers or {}))
-                except Exception:
-                    log.exception("a dead-lettered command could not be handled; requeued")
-                    ch.basic_nack(tag, requeue=True)
-                    self._stopping.wait(5)
-                    return
-                ch.basic_ack(tag)
-
-            for arch in self._arches:
-                channel.basic_consume(ANALYZE.dead_letter_queue_for(arch), on_message)
-            while channel.is_open and not self._stopping.is_set():
-                connection.process_data_events(time_limit=1)
-        finally:
-            if connection.is_open:
-                connection.close()
