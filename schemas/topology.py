@@ -133,8 +133,3 @@ survives a restart of the worker and never hot-loops.
 
 MIRROR_WAIT = WaitRoute(MIRROR_BUILD, MIRROR_WAIT_QUEUE)
 """The same wait queues as a :class:`WaitRoute`, for the shared helpers of the bus."""
-
-
-def mirror_wait_arguments(seconds: int) -> dict[str, object]:
-    """The mirror's wait queue arguments for ``seconds`` (:meth:`WaitRoute.arguments`)."""
-    return MIRROR_WAIT.arguments(seconds)

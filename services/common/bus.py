@@ -35,12 +35,11 @@ from schemas.topology import (
     COMMAND_POLICY,
     DEAD_LETTER_EXCHANGE,
     EXCHANGE,
-    MIRROR_WAIT_QUEUE,
+    MIRROR_WAIT,
     ROUTES,
     SUBSCRIPTIONS,
     Route,
     WaitRoute,
-    mirror_wait_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -206,14 +205,11 @@ def topology_definitions(
 
     Exchanges, queues and bindings come from :func:`topology_queues`, the policy from
     :func:`command_policy`, the mirror's wait queues (for ``wait_delays`` seconds)
-    from :func:`schemas.topology.mirror_wait_arguments`: what the services declare
+    from :meth:`schemas.topology.WaitRoute.arguments`: what the services declare
     and ``retrace-admin policies`` applies, spelled nowhere else.
     """
     queues = topology_queues(arches)
-    waits = [
-        QueueSpec(MIRROR_WAIT_QUEUE.format(seconds=s), mirror_wait_arguments(s), ())
-        for s in wait_delays
-    ]
+    waits = [QueueSpec(MIRROR_WAIT.queue_for(s), MIRROR_WAIT.arguments(s), ()) for s in wait_delays]
     policy = command_policy(delivery_limit)
     return {
         "vhosts": [{"name": vhost}],

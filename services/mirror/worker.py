@@ -16,21 +16,19 @@ import signal
 from pathlib import Path
 from types import FrameType
 
-import pika
-import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from schemas.messages import MirrorBuildV1
-from schemas.topology import MIRROR_BUILD, MIRROR_WAIT_QUEUE, mirror_wait_arguments
+from schemas.topology import MIRROR_BUILD, MIRROR_WAIT
 from services.common.bus import (
     Consumer,
     DeadLetterConsumer,
     DeadLetterHandler,
     Delivery,
-    PublishError,
+    Publisher,
     Reject,
     connect,
-    properties_for,
+    declare_wait_queue,
 )
 from services.mirror.fetcher import BadDownload, Fetcher, UnknownBuild
 from services.mirror.koji import KojiError, KojiUnavailable
@@ -42,25 +40,21 @@ ATTEMPT_HEADER = "x-retrace-mirror-attempt"
 
 def wait_queue(seconds: int) -> str:
     """The name of the wait queue that holds commands for ``seconds``."""
-    return MIRROR_WAIT_QUEUE.format(seconds=seconds)
+    return MIRROR_WAIT.queue_for(seconds)
 
 
 def declare_wait_queues(channel: BlockingChannel, delays: tuple[int, ...]) -> None:
     """Declare the wait queues for ``delays`` (seconds); safe to repeat."""
     for seconds in delays:
-        channel.queue_declare(
-            wait_queue(seconds), durable=True, arguments=mirror_wait_arguments(seconds)
-        )
+        declare_wait_queue(channel, MIRROR_WAIT, seconds)
 
 
 class WaitQueues:
-    """Publishes a command to the wait queue for its attempt number."""
+    """Parks a command in the wait queue for its attempt number (``mirror.retry_delays``)."""
 
     def __init__(self, url: str, delays: tuple[int, ...]) -> None:
-        self._url = url
         self._delays = delays
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
+        self._publisher = Publisher(url)
 
     def delay_for(self, attempt: int) -> int:
         """Seconds to wait before attempt ``attempt + 1``."""
@@ -69,38 +63,14 @@ class WaitQueues:
     def later(self, command: MirrorBuildV1, attempt: int) -> int:
         """Send ``command`` to wait; return the seconds it waits."""
         seconds = self.delay_for(attempt)
-        props = properties_for(MIRROR_BUILD, command)
-        props.headers = {**(props.headers or {}), ATTEMPT_HEADER: attempt}
-        for retry in (1, 2):
-            try:
-                if self._channel is None or not self._channel.is_open:
-                    self.close()
-                    self._connection = connect(self._url)
-                    self._channel = self._connection.channel()
-                    self._channel.confirm_delivery()
-                self._channel.basic_publish(
-                    "",
-                    wait_queue(seconds),
-                    command.model_dump_json().encode(),
-                    props,
-                    mandatory=True,
-                )
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                self.close()
-                if retry == 2:
-                    raise PublishError(f"cannot park a mirror command: {exc!r}") from exc
-                continue
-            return seconds
-        raise AssertionError("unreachable")
+        self._publisher.publish_later(
+            MIRROR_WAIT, seconds, command, None, {ATTEMPT_HEADER: attempt}
+        )
+        return seconds
 
     def close(self) -> None:
         """Close the connection, if open."""
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except pika.exceptions.AMQPError:
-                log.debug("closing a broken connection", exc_info=True)
+        self._publisher.close()
 
 
 class MirrorHandler:
