@@ -30,7 +30,7 @@ from services.common.store import Package
 log = logging.getLogger(__name__)
 
 UNPACK_TIMEOUT = 600
-UNPACK_WORKERS = max(2, os.cpu_count() or 2)
+UNPACK_WORKERS = 2 * (os.cpu_count() or 1)
 COMPLETE = ".complete"
 SIZE = ".size"
 WARNINGS = ".warnings"
@@ -211,9 +211,14 @@ class RootCache:
 
 def _tree_size(tree: Path) -> int:
     total = 0
-    for dirpath, _dirnames, filenames in os.walk(tree):
-        for name in filenames:
-            total += (Path(dirpath) / name).lstat().st_size
+    pending = [str(tree)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    total += entry.stat(follow_symlinks=False).st_size
     return total
 
 
@@ -231,24 +236,26 @@ def _within(root: Path, link: Path, target: Path) -> Path:
 
 
 def _link_tree(source: Path, root: Path, warnings: list[str], origin: str) -> None:
+    # A hot path when a package set is first seen: plain strings and scandir entries,
+    # so each file costs one link and no extra stat.
     real_root = Path(os.path.realpath(root))
-    for dirpath, dirnames, filenames in os.walk(source):
-        rel = Path(dirpath).relative_to(source)
-        target_dir = root / rel
+    pending = [(str(source), str(root), "")]
+    while pending:
+        src_dir, dst_dir, rel = pending.pop()
         # A folder may be reached through a link another package made (lib64 → usr/lib64);
         # it must still lead somewhere inside the root.
-        if not _inside(real_root, target_dir):
+        if not _inside(real_root, Path(dst_dir)):
             warnings.append(f"{origin}: /{rel} leads outside the root; skipped")
-            dirnames.clear()
             continue
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for name in [*dirnames, *filenames]:
-            src = Path(dirpath) / name
-            dst = target_dir / name
-            if src.is_symlink():
-                if not dst.is_symlink() and not dst.exists():
-                    dst.symlink_to(_within(root, dst, src.readlink()))
-                if name in dirnames:
-                    dirnames.remove(name)  # its content is walked through its own package
-            elif name in filenames and not dst.exists() and not dst.is_symlink():
-                os.link(src, dst, follow_symlinks=False)
+        os.makedirs(dst_dir, exist_ok=True)  # noqa: PTH103 -- strings on this hot path
+        with os.scandir(src_dir) as entries:
+            for entry in entries:
+                dst = os.path.join(dst_dir, entry.name)  # noqa: PTH118
+                if entry.is_symlink():
+                    if not os.path.lexists(dst):
+                        target = _within(root, Path(dst), Path(entry.path).readlink())
+                        os.symlink(target, dst)  # noqa: PTH211
+                elif entry.is_dir():
+                    pending.append((entry.path, dst, f"{rel}/{entry.name}".lstrip("/")))
+                elif not os.path.lexists(dst):
+                    os.link(entry.path, dst, follow_symlinks=False)
