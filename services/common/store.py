@@ -825,22 +825,15 @@ class Store:
 
     def get_build(self, build_id: int) -> KojiBuild | None:
         """What the mirror did with Koji build ``build_id``, if it ever saw it."""
-        with self.engine.connect() as conn:
-            row = (
-                conn.execute(koji_builds.select().where(koji_builds.c.id == build_id))
-                .mappings()
-                .first()
-            )
-        return None if row is None else KojiBuild(**row)
+        return self._one_build(koji_builds.c.id == build_id)
 
     def find_build(self, nvr: str) -> KojiBuild | None:
         """What the mirror did with the Koji build named ``nvr``, if it ever saw it."""
+        return self._one_build(koji_builds.c.nvr == nvr)
+
+    def _one_build(self, where: sa.ColumnElement[bool]) -> KojiBuild | None:
         with self.engine.connect() as conn:
-            row = (
-                conn.execute(koji_builds.select().where(koji_builds.c.nvr == nvr))
-                .mappings()
-                .first()
-            )
+            row = conn.execute(koji_builds.select().where(where)).mappings().first()
         return None if row is None else KojiBuild(**row)
 
     def build_packages(self, build_id: int) -> list[Package]:
