@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.store import KojiBuild, Store
 from tests.fixtures.build import Fixtures
 
 BIN = Path(sys.executable).parent
@@ -103,6 +104,13 @@ class Stack:
                 proc.kill()
                 proc.wait()
 
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        """Wait until ``text`` appears in the services' logs."""
+        deadline = time.monotonic() + timeout
+        while text not in self.logs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert text in self.logs()
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
@@ -169,3 +177,16 @@ def start_stack(
     imported = stack.command("retrace-mirror", "import", *rpms)
     assert imported.returncode == 0, imported.stderr
     return stack
+
+
+def wait_build(
+    stack: Stack, store: Store, build_id: int, state: str, timeout: float = 60
+) -> KojiBuild:
+    """Wait until the mirror records Koji build ``build_id`` in ``state``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        known = store.get_build(build_id)
+        if known is not None and known.state == state:
+            return known
+        time.sleep(0.2)
+    raise AssertionError(f"build {build_id} never became {state}\n{stack.logs()}")

@@ -21,7 +21,7 @@ from services.common.bus import connect, properties_for
 from services.common.store import KojiBuild, Store
 from services.mirror.http import create_app
 from tests.integration.koji_hub import KojiStandIn, build_rpms
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, wait_build
 
 pytestmark = pytest.mark.integration
 
@@ -50,19 +50,10 @@ class Worker:
         self.process = self.start()
 
     def wait_build(self, build_id: int, state: str, timeout: float = 60) -> KojiBuild:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            known = self.store.get_build(build_id)
-            if known is not None and known.state == state:
-                return known
-            time.sleep(0.2)
-        raise AssertionError(f"build {build_id} never became {state}\n{self.stack.logs()}")
+        return wait_build(self.stack, self.store, build_id, state, timeout)
 
     def wait_log(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stack.logs() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert text in self.stack.logs()
+        self.stack.wait_log(text, timeout)
 
 
 def mirror_stack(root: Path, broker_url: str, koji: KojiStandIn) -> Stack:

@@ -19,7 +19,7 @@ from services.common.bus import connect
 from services.common.store import KojiBuild, Store
 from tests.fixtures.build import Fixtures
 from tests.integration.koji_hub import KojiStandIn, build_rpms
-from tests.integration.stack import Stack, pack_problem_dir
+from tests.integration.stack import Stack, pack_problem_dir, wait_build
 
 pytestmark = pytest.mark.integration
 
@@ -81,19 +81,10 @@ class Mirror:
             connection.close()
 
     def wait_build(self, build_id: int, state: str, timeout: float = 60) -> KojiBuild:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            known = self.store.get_build(build_id)
-            if known is not None and known.state == state:
-                return known
-            time.sleep(0.2)
-        raise AssertionError(f"build {build_id} never became {state}\n{self.stack.logs()}")
+        return wait_build(self.stack, self.store, build_id, state, timeout)
 
     def wait_log(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stack.logs() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert text in self.stack.logs()
+        self.stack.wait_log(text, timeout)
 
 
 def wait_listening(mirror: Mirror, count: int = 1) -> None:
