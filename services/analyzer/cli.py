@@ -18,6 +18,7 @@ from services.analyzer.fetch import BuildSyncedHandler, BuildSyncedListener
 from services.analyzer.retrace import sandbox_for
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import SandboxUnavailable
+from services.analyzer.unpack import PayloadError
 from services.analyzer.worker import AnalyzeHandler
 from services.common.bus import Consumer, DeadLetterConsumer, Publisher, policy_problem
 from services.common.logs import setup_logging
@@ -119,6 +120,6 @@ def _shell(task_id: str) -> int:
             settings.analyzer.gdb,
             cache_dir / "work",
         )
-    except (ConfigError, SandboxUnavailable, ShellError, CommandError) as exc:
+    except (ConfigError, SandboxUnavailable, ShellError, CommandError, PayloadError) as exc:
         print(f"retrace-analyzer: {exc}", file=sys.stderr)
         return 2

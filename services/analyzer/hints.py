@@ -9,13 +9,13 @@ debuginfo package of the same build then serves it.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.analyzer.coredump import Module
 from services.analyzer.rootcache import RootCache
+from services.analyzer.unpack import DIR
 from services.common.rpm import os_release_of
 from services.common.store import Package, Store
 
@@ -101,20 +101,21 @@ def match_hints(
                 continue
             if package.nevra.arch not in (arch, "noarch"):
                 continue
-            tree = cache.unpacked(package)[0] / "tree"
+            files = cache.unpacked(package)[0]
             debug = _debuginfo_of(store, package, os_release)
-            for dirpath, _dirnames, filenames in os.walk(tree):
-                for filename in filenames:
-                    path = Path(dirpath) / filename
-                    installed = "/" + str(path.relative_to(tree))
-                    found = build_id_of(path)
-                    module = wanted.pop(found, None) if found else None
-                    how = f"its build-id note in {installed}"
-                    if module is None and installed in by_path:
-                        module = by_path.pop(installed)
-                        how = f"its path {installed} (it has no build-id)"
-                    if module is not None:
-                        matches.append(HintMatch(module, package, debug, how))
+            for entry in files.entries:
+                installed = f"/{entry.path}"
+                data = files.find(installed) if entry.kind != DIR else None
+                if data is None:
+                    continue
+                found = build_id_of(data)
+                module = wanted.pop(found, None) if found else None
+                how = f"its build-id note in {installed}"
+                if module is None and installed in by_path:
+                    module = by_path.pop(installed)
+                    how = f"its path {installed} (it has no build-id)"
+                if module is not None:
+                    matches.append(HintMatch(module, package, debug, how))
     return matches
 
 

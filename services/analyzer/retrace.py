@@ -19,9 +19,9 @@ from services.analyzer.resolve import Resolution, Served, resolve
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
+from services.analyzer.unpack import PayloadError
 from services.common import progress
 from services.common.elf import NotACore, core_arch
-from services.common.runner import CommandError
 from services.common.settings import AnalyzerSettings
 from services.common.store import Package, Store
 
@@ -202,7 +202,7 @@ def use_hints(job: Job, resolution: Resolution, arch: str) -> None:
         return
     try:
         matches = match_hints(job.store, job.cache, builds, unplaced, arch)
-    except CommandError as exc:
+    except PayloadError as exc:
         job.log.warn(f"a hinted package could not be unpacked: {exc}")
         return
     found = {id(m.module): m for m in matches}
@@ -224,10 +224,10 @@ def find_shared_dwarf(job: Job, resolution: Resolution) -> list[Package]:
             if served.debug is None or build_id is None:
                 continue
             try:
-                tree = job.cache.unpacked(served.debug)[0] / "tree"
-            except CommandError as exc:
+                files = job.cache.unpacked(served.debug)[0]
+            except PayloadError as exc:
                 raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
-            debug_file = debug_file_in(tree, build_id)
+            debug_file = files.find(f"/usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
             if debug_file is None:
                 continue
             link = read_altlink(debug_file)
@@ -248,24 +248,13 @@ def find_shared_dwarf(job: Job, resolution: Resolution) -> list[Package]:
     return added
 
 
-def debug_file_in(tree: Path, build_id: str) -> Path | None:
-    """The debug file of ``build_id`` in an unpacked package, its links kept inside it."""
-    path = tree / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
-    for _ in range(8):
-        if not path.is_symlink():
-            return path if path.is_file() else None
-        target = path.readlink()
-        path = tree / target.relative_to("/") if target.is_absolute() else path.parent / target
-    return None
-
-
 def prepare_root(job: Job, packages: list[Package], root: Path) -> None:
     """Step 3: the root, assembled from the unpacked-package cache."""
     with job.log.step("Preparing the root"):
         try:
             for warning in job.cache.assemble(packages, root):
                 job.log.warn(warning)
-        except CommandError as exc:
+        except PayloadError as exc:
             raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
         for package in packages:
             job.log.add(f"  {package.nevra} ({package.os_release})")

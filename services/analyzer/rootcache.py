@@ -1,80 +1,183 @@
 """Step 3: a root for gdb, assembled from RPMs unpacked once into a local cache.
 
-Each RPM is unpacked once, into ``<cache>/rpms/<sha256>/``, keyed by its content.
-A task's root is then a tree of hard links into those folders: nothing is
-decompressed twice.  Roots are kept too, under ``<cache>/roots/<key>/``, keyed by
-the ordered digests of their packages: gdb only ever reads a root (the sandbox
-mounts it read-only), so a package set seen before is served by the same tree.
+Each RPM is unpacked once, in this process (:mod:`services.analyzer.unpack`),
+into ``<cache>/packages/<sha256>/``, keyed by its content: the data of its files,
+flat, and a manifest of its paths (folders, files, links).  A task's root is a
+tree laid out from those manifests whose files are hard links to that data:
+nothing is decompressed twice, and no folder or link is made twice either (on
+the disks we measured, making one costs ten to fifty hard links).  Roots are
+kept too, under ``<cache>/roots/<key>/``, keyed by the ordered digests of their
+packages: gdb only ever reads a root (the sandbox mounts it read-only), so a
+package set seen before is served by the same tree.
 
 The cache has a size bound.  A task holds a shared lock on each entry it uses
 (:meth:`RootCache.lease`); beyond the bound, the least recently used entries that
-no task holds are removed.  Every process on the host follows the same locks.
+no task holds are removed.  Every thread and process on the host follows the
+same locks: open-file-description locks on bytes of one file, ``.locks``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-from services.common.runner import pipe
+from services.analyzer.unpack import DIR, FILE, LINK, Entry, unpack_rpm
 from services.common.store import Package
 
 log = logging.getLogger(__name__)
 
-UNPACK_TIMEOUT = 600
 UNPACK_WORKERS = 2 * (os.cpu_count() or 1)
-COMPLETE = ".complete"
-SIZE = ".size"
-WARNINGS = ".warnings"
-PACKAGES = ".packages"
+MANIFEST = "manifest"
+ROOT_INFO = "root.json"
+MAX_LINK_HOPS = 8
+FIRST_LAYOUT = ("rpms",)
+"""Folders of the cache's first layout (a tree per RPM), unused since."""
+
+
+@dataclass(frozen=True)
+class UnpackedPackage:
+    """One RPM in the cache: where its file data lies, and the paths it installs."""
+
+    folder: Path
+    size: int
+    warnings: tuple[str, ...]
+    entries: tuple[Entry, ...]
+
+    @classmethod
+    def load(cls, folder: Path) -> UnpackedPackage:
+        with (folder / MANIFEST).open() as manifest:
+            header = json.loads(manifest.readline())
+            entries = tuple(Entry(*entry) for entry in json.loads(manifest.readline()))
+        return cls(folder, header["size"], tuple(header["warnings"]), entries)
+
+    def files(self) -> Iterator[tuple[str, Path]]:
+        """Each regular file's installed path (``/usr/...``) and its data in the cache."""
+        for entry in self.entries:
+            if entry.kind == FILE:
+                yield f"/{entry.path}", self.folder / entry.value
+
+    @cached_property
+    def _by_path(self) -> dict[str, Entry]:
+        return {entry.path: entry for entry in self.entries}
+
+    def find(self, path: str) -> Path | None:
+        """The data of the file installed at ``path``, following this package's own links."""
+        by_path = self._by_path
+        wanted = posixpath.normpath(path).lstrip("/")
+        for _ in range(MAX_LINK_HOPS):
+            entry = by_path.get(wanted)
+            if entry is None or entry.kind == DIR:
+                return None
+            if entry.kind == FILE:
+                return self.folder / entry.value
+            base = "/" if entry.value.startswith("/") else posixpath.dirname(f"/{wanted}")
+            wanted = posixpath.normpath(posixpath.join(base, entry.value)).lstrip("/")
+        return None
+
+
+class _Flock(ctypes.Structure):
+    """``struct flock`` of ``fcntl(2)``, laid out by the C compiler's rules."""
+
+    _fields_ = (
+        ("l_type", ctypes.c_short),
+        ("l_whence", ctypes.c_short),
+        ("l_start", ctypes.c_int64),
+        ("l_len", ctypes.c_int64),
+        ("l_pid", ctypes.c_int),
+    )
+
+
+class _Locks:
+    """Named locks, each one byte of one file, held by open file description.
+
+    Unlike ``flock`` on a file per name, nothing is created per name; unlike
+    classic POSIX record locks, two threads of one process exclude each other,
+    and closing one descriptor does not drop another's locks.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        path.touch()
+
+    @contextmanager
+    def held(self, names: list[str], *, shared: bool = False) -> Iterator[None]:
+        """Wait for and hold the locks ``names`` until the block ends."""
+        fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for name in sorted(set(names)):  # one order everywhere: no deadlock
+                self._set(fd, name, fcntl.F_RDLCK if shared else fcntl.F_WRLCK, wait=True)
+            yield
+        finally:
+            os.close(fd)  # releases them all
+
+    @contextmanager
+    def try_exclusive(self, name: str) -> Iterator[bool]:
+        """Hold ``name`` alone if no one holds it now; say whether it is held."""
+        fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            yield self._set(fd, name, fcntl.F_WRLCK, wait=False)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _set(fd: int, name: str, kind: int, *, wait: bool) -> bool:
+        offset = int(hashlib.sha256(name.encode()).hexdigest()[:15], 16)
+        request = _Flock(l_type=kind, l_whence=os.SEEK_SET, l_start=offset, l_len=1, l_pid=0)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, bytes(request))
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held elsewhere
+            return False
+        return True
 
 
 class RootCache:
     """Unpacked RPMs on this host, shared by every analyzer process here."""
 
     def __init__(self, cache_dir: Path, repo: Path, max_bytes: int | None = None) -> None:
-        self._rpms = cache_dir / "rpms"
+        self._packages = cache_dir / "packages"
         self._roots = cache_dir / "roots"
         self._repo = repo
         self._max_bytes = max_bytes
-        self._rpms.mkdir(parents=True, exist_ok=True)
+        self._packages.mkdir(parents=True, exist_ok=True)
         self._roots.mkdir(parents=True, exist_ok=True)
+        self._locks = _Locks(cache_dir / ".locks")
+        for old in FIRST_LAYOUT:
+            if (cache_dir / old).exists():
+                log.warning("%s is left from an older cache layout; it can be removed", old)
 
     @contextmanager
     def lease(self, packages: list[Package]) -> Iterator[None]:
         """Hold ``packages``' entries in use: eviction skips them until the block ends."""
-        handles = []
-        try:
-            for key in sorted({p.sha256 for p in packages}):
-                handle = (self._rpms / f".{key}.use").open("a")
-                handles.append(handle)
-                fcntl.flock(handle, fcntl.LOCK_SH)
+        with self._locks.held([f"use {p.sha256}" for p in packages], shared=True):
             yield
-        finally:
-            for handle in handles:
-                handle.close()
 
     def size(self) -> int:
-        """Bytes held by the complete entries, as measured when each was unpacked."""
+        """Bytes held by the complete entries, as counted when each was unpacked."""
         return sum(size for _, size, _ in self._entries())
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         entries = []
-        for entry in self._rpms.iterdir():
+        for entry in self._packages.iterdir():
             if entry.name.startswith("."):
                 continue
             try:
-                used = (entry / COMPLETE).stat().st_mtime
-                size = int((entry / SIZE).read_text())
-            except (OSError, ValueError):
+                used = (entry / MANIFEST).stat().st_mtime
+                with (entry / MANIFEST).open() as manifest:
+                    size = int(json.loads(manifest.readline())["size"])
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
             entries.append((used, size, entry))
         return sorted(entries)
@@ -87,19 +190,16 @@ class RootCache:
         if self._max_bytes is None:
             return []
         removed: list[str] = []
-        with (self._rpms / ".evict.lock").open("w") as evicting:
-            fcntl.flock(evicting, fcntl.LOCK_EX)
+        with self._locks.held(["evict"]):
             entries = self._entries()
             total = sum(size for _, size, _ in entries)
             for _, size, entry in entries:
                 if total <= self._max_bytes:
                     break
-                with (self._rpms / f".{entry.name}.use").open("a") as use:
-                    try:
-                        fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
+                with self._locks.try_exclusive(f"use {entry.name}") as free:
+                    if not free:
                         continue  # a running task uses it
-                    doomed = self._rpms / f".evicted-{entry.name}"
+                    doomed = self._packages / f".evicted-{entry.name}"
                     shutil.rmtree(doomed, ignore_errors=True)
                     entry.replace(doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
@@ -110,50 +210,44 @@ class RootCache:
             log.info("evicted %s from the root cache", key)
         return removed
 
-    @contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        with (self._rpms / f".{key}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+    def unpacked(self, package: Package) -> tuple[UnpackedPackage, bool]:
+        """``package``'s files, unpacking it if needed.
 
-    def unpacked(self, package: Package) -> tuple[Path, bool]:
-        """The folder holding ``package``'s files, unpacking it if needed.
-
-        Returns the folder and whether this call unpacked it.  Two processes
-        asking at once unpack it once: the second waits for the first's lock.
+        Returns them and whether this call unpacked them.  Two threads or
+        processes asking at once unpack it once: the second waits for the first.
+        Raises :class:`~services.analyzer.unpack.PayloadError` when the RPM
+        cannot be unpacked.
         """
-        final = self._rpms / package.sha256
-        if (final / COMPLETE).exists():
-            (final / COMPLETE).touch()  # its last use, for eviction
-            return final, False
-        with self._locked(package.sha256):
-            if (final / COMPLETE).exists():
-                return final, False
-            staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self._rpms))
+        final = self._packages / package.sha256
+        if (final / MANIFEST).exists():
+            os.utime(final / MANIFEST)  # its last use, for eviction
+            return UnpackedPackage.load(final), False
+        with self._locks.held([f"unpack {package.sha256}"]):
+            if (final / MANIFEST).exists():
+                return UnpackedPackage.load(final), False
+            staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self._packages))
             try:
-                tree = staging / "tree"
-                tree.mkdir()
-                pipe(
-                    ["rpm2cpio", str(self._repo / package.path)],
-                    ["cpio", "-idm", "--quiet", "--no-absolute-filenames"],
-                    timeout=UNPACK_TIMEOUT,
-                    cwd=tree,
-                )
-                (staging / SIZE).write_text(str(_tree_size(tree)))
-                (staging / COMPLETE).touch()
+                unpacked = unpack_rpm(self._repo / package.path, staging, package.sha256)
+                header = {"size": unpacked.size, "warnings": unpacked.warnings}
+                entries = [[e.kind, e.path, e.value] for e in unpacked.entries]
+                with (staging / MANIFEST).open("w") as manifest:
+                    manifest.write(f"{json.dumps(header)}\n{json.dumps(entries)}\n")
                 if final.exists():  # left by an interrupted unpack
                     shutil.rmtree(final)
                 staging.replace(final)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        return final, True
+        result = UnpackedPackage(
+            final, unpacked.size, tuple(unpacked.warnings), tuple(unpacked.entries)
+        )
+        return result, True
 
     def _drop_roots_with(self, key: str) -> None:
         for kept in self._roots.iterdir():
             try:
-                keys = (kept / PACKAGES).read_text().split()
-            except OSError:
+                keys = json.loads((kept / ROOT_INFO).read_text())["packages"]
+            except (OSError, ValueError, KeyError):
                 continue
             if key in keys:
                 doomed = self._roots / f".evicted-{kept.name}"
@@ -164,98 +258,109 @@ class RootCache:
     def assemble(self, packages: list[Package], root: Path) -> list[str]:
         """Make ``root`` (which must not exist) the root of ``packages``; return warnings.
 
-        ``root`` becomes a link to the kept root of this package set, built now from
-        hard links into the unpacked packages unless it was built before.  A path
-        two packages both ship comes from the first in ``packages``.  Hold a
-        :meth:`lease` on ``packages`` while the root is in use.
+        ``root`` becomes a link to the kept root of this package set, built now
+        unless it was built before.  A path two packages both ship comes from the
+        first in ``packages``.  Hold a :meth:`lease` on ``packages`` while the
+        root is in use.
         """
         keys = [p.sha256 for p in packages]
         name = hashlib.sha256("\n".join(keys).encode()).hexdigest()
         kept = self._roots / name
-        if not (kept / COMPLETE).exists():
-            with self._locked(f"root-{name}"):
-                if not (kept / COMPLETE).exists():
+        if not (kept / ROOT_INFO).exists():
+            with self._locks.held([f"root {name}"]):
+                if not (kept / ROOT_INFO).exists():
                     self._build_root(packages, kept)
-        (kept / COMPLETE).touch()
+        os.utime(kept / ROOT_INFO)
         root.parent.mkdir(parents=True, exist_ok=True)
         root.symlink_to(kept / "tree")
-        return (kept / WARNINGS).read_text().splitlines()
+        return list(json.loads((kept / ROOT_INFO).read_text())["warnings"])
 
     def _build_root(self, packages: list[Package], kept: Path) -> None:
         staging = Path(tempfile.mkdtemp(prefix=".root-", dir=self._roots))
         try:
-            warnings = self._link_packages(packages, staging / "tree")
-            (staging / WARNINGS).write_text("".join(f"{w}\n" for w in warnings))
-            (staging / PACKAGES).write_text("".join(f"{p.sha256}\n" for p in packages))
-            (staging / COMPLETE).touch()
+            # Unpacking is one decompressor per RPM: run them side by side.
+            with ThreadPoolExecutor(max_workers=UNPACK_WORKERS) as pool:
+                unpacked = list(pool.map(self.unpacked, packages))
+            layout = _Layout(staging / "tree")
+            for package, (files, _) in zip(packages, unpacked, strict=True):
+                layout.warnings += files.warnings
+                layout.place(files, str(package.nevra))
+            info = {"packages": [p.sha256 for p in packages], "warnings": layout.warnings}
+            (staging / ROOT_INFO).write_text(json.dumps(info))
             if kept.exists():  # left by an interrupted build
                 shutil.rmtree(kept)
             staging.replace(kept)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
-    def _link_packages(self, packages: list[Package], root: Path) -> list[str]:
-        warnings: list[str] = []
-        root.mkdir(parents=True, exist_ok=True)
-        # Unpacking is one decompressor per RPM: run them side by side.
-        with ThreadPoolExecutor(max_workers=UNPACK_WORKERS) as pool:
-            trees = list(pool.map(self.unpacked, packages))
-        unpacked_any = any(fresh for _, fresh in trees)
-        for package, (tree, _) in zip(packages, trees, strict=True):
-            _link_tree(tree / "tree", root, warnings, str(package.nevra))
-        if unpacked_any:
+        if any(fresh for _, fresh in unpacked):
             self.evict()
-        return warnings
 
 
-def _tree_size(tree: Path) -> int:
-    total = 0
-    pending = [str(tree)]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
+class _Layout:
+    """A root being laid out from packages' manifests, one package after another.
+
+    Each folder is made once (remembered with where it really is), each file is a
+    hard link to the cached data, each link is made with its target kept inside
+    the root.  What is already there stays: the first package to ship a path wins.
+    """
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir()
+        self._root = str(root)
+        self._real_root = os.path.realpath(root)
+        self._folders: dict[str, str | None] = {"": self._real_root}
+        self.warnings: list[str] = []
+
+    def place(self, package: UnpackedPackage, origin: str) -> None:
+        data = str(package.folder)
+        for entry in package.entries:
+            if entry.kind == DIR:
+                self._folder(entry.path, origin)
+                continue
+            parent, _, _ = entry.path.rpartition("/")
+            real_parent = self._folder(parent, origin)
+            if real_parent is None:
+                continue
+            path = f"{self._root}/{entry.path}"
+            try:
+                if entry.kind == FILE:
+                    os.link(f"{data}/{entry.value}", path)
+                elif entry.kind == LINK:
+                    os.symlink(self._target(entry, real_parent), path)  # noqa: PTH211
+            except FileExistsError:
+                pass  # an earlier package shipped it
+
+    def _target(self, entry: Entry, real_parent: str) -> str:
+        # An absolute target names a path of the crashed machine; left absolute it
+        # would lead gdb to the analyzer host's own file of that name.
+        if not entry.value.startswith("/"):
+            return entry.value
+        inside = posixpath.normpath(f"{self._real_root}/{entry.value.lstrip('/')}")
+        return posixpath.relpath(inside, real_parent)
+
+    def _folder(self, path: str, origin: str) -> str | None:
+        """Make the folder ``path`` if needed; where it really is, or None if unusable."""
+        if path in self._folders:
+            return self._folders[path]
+        parent, _, name = path.rpartition("/")
+        real_parent = self._folder(parent, origin)
+        real: str | None = None
+        if real_parent is not None:
+            made = f"{self._root}/{path}"
+            try:
+                os.mkdir(made, 0o755)  # noqa: PTH102 -- strings on the hot path
+                real = f"{real_parent}/{name}"
+            except FileExistsError:
+                # A link an earlier package made (lib64 -> usr/lib64) may lead here;
+                # it must still lead to a folder inside the root.
+                resolved = os.path.realpath(made)
+                inside = f"{resolved}/".startswith(f"{self._real_root}/")
+                if inside and Path(resolved).is_dir():
+                    real = resolved
+                elif inside:
+                    self.warnings.append(f"{origin}: /{path} is not a folder here; skipped")
                 else:
-                    total += entry.stat(follow_symlinks=False).st_size
-    return total
-
-
-def _inside(root: Path, path: Path) -> bool:
-    real = os.path.realpath(path)
-    return real == str(root) or real.startswith(str(root) + os.sep)
-
-
-def _within(root: Path, link: Path, target: Path) -> Path:
-    # An absolute link means a path of the crashed machine; left absolute it would
-    # lead gdb to the analyzer host's own file of that name.
-    if not target.is_absolute():
-        return target
-    return Path(os.path.relpath(root / target.relative_to("/"), link.parent))
-
-
-def _link_tree(source: Path, root: Path, warnings: list[str], origin: str) -> None:
-    # A hot path when a package set is first seen: plain strings and scandir entries,
-    # so each file costs one link and no extra stat.
-    real_root = Path(os.path.realpath(root))
-    pending = [(str(source), str(root), "")]
-    while pending:
-        src_dir, dst_dir, rel = pending.pop()
-        # A folder may be reached through a link another package made (lib64 → usr/lib64);
-        # it must still lead somewhere inside the root.
-        if not _inside(real_root, Path(dst_dir)):
-            warnings.append(f"{origin}: /{rel} leads outside the root; skipped")
-            continue
-        os.makedirs(dst_dir, exist_ok=True)  # noqa: PTH103 -- strings on this hot path
-        with os.scandir(src_dir) as entries:
-            for entry in entries:
-                dst = os.path.join(dst_dir, entry.name)  # noqa: PTH118
-                if entry.is_symlink():
-                    if not os.path.lexists(dst):
-                        target = _within(root, Path(dst), Path(entry.path).readlink())
-                        os.symlink(target, dst)  # noqa: PTH211
-                elif entry.is_dir():
-                    pending.append((entry.path, dst, f"{rel}/{entry.name}".lstrip("/")))
-                elif not os.path.lexists(dst):
-                    os.link(entry.path, dst, follow_symlinks=False)
+                    self.warnings.append(f"{origin}: /{path} leads outside the root; skipped")
+        self._folders[path] = real
+        return real

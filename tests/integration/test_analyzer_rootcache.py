@@ -84,7 +84,7 @@ def test_the_bound_evicts_least_recently_used_entries_no_task_holds(
     # The oldest entry (crasher) is in use, so the next oldest goes instead.
     assert removed == [packages["glibc"].sha256]
     assert cache.size() <= bound
-    assert glibc_debuginfo.is_dir()
+    assert glibc_debuginfo.folder.is_dir()
     assert cache.unpacked(packages["crasher"])[1] is False
     assert cache.unpacked(packages["glibc"])[1] is True
 

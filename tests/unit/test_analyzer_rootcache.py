@@ -6,22 +6,125 @@ from pathlib import Path
 
 from services.analyzer.coredump import Module
 from services.analyzer.resolve import Resolution, Served
-from services.analyzer.rootcache import _link_tree
+from services.analyzer.rootcache import UnpackedPackage, _Layout
+from services.analyzer.unpack import DIR, FILE, LINK, Entry
 from services.common.store import Nevra, Package
 
 
+def cached(folder: Path, entries: list[Entry], data: dict[str, str]) -> UnpackedPackage:
+    """A package as the cache holds it: flat data files and a list of paths."""
+    folder.mkdir()
+    for name, text in data.items():
+        (folder / name).write_text(text)
+    return UnpackedPackage(folder, 0, (), tuple(entries))
+
+
 def test_absolute_links_stay_inside_the_root(tmp_path: Path) -> None:
-    package = tmp_path / "unpacked"
-    (package / "usr/lib64").mkdir(parents=True)
-    (package / "usr/lib64/libfoo.so.1").write_text("the crashed machine's library")
-    (package / "usr/lib64/libfoo.so").symlink_to("/usr/lib64/libfoo.so.1")
-    root = tmp_path / "root"
-    warnings: list[str] = []
-    _link_tree(package, root, warnings, "foo-1-1.x86_64")
-    link = root / "usr/lib64/libfoo.so"
+    package = cached(
+        tmp_path / "foo",
+        [
+            Entry(DIR, "usr/lib64"),
+            Entry(FILE, "usr/lib64/libfoo.so.1", "0"),
+            Entry(LINK, "usr/lib64/libfoo.so", "/usr/lib64/libfoo.so.1"),
+        ],
+        {"0": "the crashed machine's library"},
+    )
+    layout = _Layout(tmp_path / "root")
+    layout.place(package, "foo-1-1.x86_64")
+    link = tmp_path / "root/usr/lib64/libfoo.so"
     assert not link.readlink().is_absolute()
     assert link.read_text() == "the crashed machine's library"
-    assert warnings == []
+    assert (tmp_path / "root/usr/lib64/libfoo.so.1").stat().st_ino == (
+        (tmp_path / "foo/0").stat().st_ino
+    )
+    assert layout.warnings == []
+
+
+def test_paths_under_another_packages_folder_link_land_where_it_leads(tmp_path: Path) -> None:
+    filesystem = cached(
+        tmp_path / "filesystem",
+        [Entry(DIR, "usr/lib64"), Entry(LINK, "lib64", "usr/lib64")],
+        {},
+    )
+    old_style = cached(
+        tmp_path / "old",
+        [
+            Entry(FILE, "lib64/libold.so.1.0", "0"),
+            Entry(LINK, "lib64/libold.so.1", "/lib64/libold.so.1.0"),
+            Entry(DIR, "lib64/old"),
+            Entry(FILE, "lib64/old/plugin.so", "1"),
+        ],
+        {"0": "old library", "1": "plugin"},
+    )
+    layout = _Layout(tmp_path / "root")
+    layout.place(filesystem, "filesystem-3-1.x86_64")
+    layout.place(old_style, "old-1-1.x86_64")
+    root = tmp_path / "root"
+    assert (root / "usr/lib64/libold.so.1").read_text() == "old library"
+    assert (root / "lib64/libold.so.1").read_text() == "old library"
+    assert (root / "usr/lib64/old/plugin.so").read_text() == "plugin"
+    assert layout.warnings == []
+
+
+def test_a_folder_link_leading_out_of_the_root_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    package = cached(
+        tmp_path / "evil",
+        [
+            Entry(LINK, "etc", str(outside)),
+            Entry(LINK, "up", "../.."),
+            Entry(FILE, "etc/passwd", "0"),
+            Entry(FILE, "up/escaped", "0"),
+        ],
+        {"0": "written through a link"},
+    )
+    layout = _Layout(tmp_path / "root")
+    layout.place(package, "evil-1-1.x86_64")
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "escaped").exists()
+    # The absolute link now points inside the root, where nothing is.
+    assert layout.warnings == [
+        "evil-1-1.x86_64: /etc is not a folder here; skipped",
+        "evil-1-1.x86_64: /up leads outside the root; skipped",
+    ]
+
+
+def test_the_first_package_to_ship_a_path_wins(tmp_path: Path) -> None:
+    first = cached(tmp_path / "a", [Entry(FILE, "usr/bin/tool", "0")], {"0": "first"})
+    second = cached(
+        tmp_path / "b",
+        [Entry(FILE, "usr/bin/tool", "0"), Entry(DIR, "usr/bin/tool")],
+        {"0": "second"},
+    )
+    layout = _Layout(tmp_path / "root")
+    layout.place(first, "a-1-1.x86_64")
+    layout.place(second, "b-1-1.x86_64")
+    assert (tmp_path / "root/usr/bin/tool").read_text() == "first"
+    assert layout.warnings == ["b-1-1.x86_64: /usr/bin/tool is not a folder here; skipped"]
+
+
+def test_a_package_finds_its_files_through_its_own_links(tmp_path: Path) -> None:
+    package = cached(
+        tmp_path / "debug",
+        [
+            Entry(DIR, "usr/lib/debug/.build-id/ab"),
+            Entry(FILE, "usr/lib/debug/usr/bin/tool-1-1.x86_64.debug", "0"),
+            Entry(
+                LINK, "usr/lib/debug/.build-id/ab/cdef.debug", "../../usr/bin/tool-1-1.x86_64.debug"
+            ),
+            Entry(LINK, "usr/lib/debug/.build-id/ab/cdef", "/usr/bin/tool"),
+            Entry(LINK, "loop", "loop"),
+        ],
+        {"0": "DWARF"},
+    )
+    assert package.find("/usr/lib/debug/.build-id/ab/cdef.debug") == tmp_path / "debug/0"
+    assert package.find("/usr/lib/debug/.build-id/ab/cdef") is None  # in another package
+    assert package.find("/loop") is None
+    assert package.find("/usr/lib/debug/.build-id/ab") is None
+    assert list(package.files()) == [
+        ("/usr/lib/debug/usr/bin/tool-1-1.x86_64.debug", tmp_path / "debug/0")
+    ]
 
 
 def test_debugsource_packages_stay_out_of_roots() -> None:
