@@ -219,12 +219,13 @@ class RootCache:
         cannot be unpacked.
         """
         final = self._packages / package.sha256
-        if (final / MANIFEST).exists():
-            os.utime(final / MANIFEST)  # its last use, for eviction
-            return UnpackedPackage.load(final), False
+        cached = self._load(final)
+        if cached is not None:
+            return cached, False
         with self._locks.held([f"unpack {package.sha256}"]):
-            if (final / MANIFEST).exists():
-                return UnpackedPackage.load(final), False
+            cached = self._load(final)
+            if cached is not None:
+                return cached, False
             staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self._packages))
             try:
                 unpacked = unpack_rpm(self._repo / package.path, staging, package.sha256)
@@ -232,7 +233,7 @@ class RootCache:
                 entries = [[e.kind, e.path, e.value] for e in unpacked.entries]
                 with (staging / MANIFEST).open("w") as manifest:
                     manifest.write(f"{json.dumps(header)}\n{json.dumps(entries)}\n")
-                if final.exists():  # left by an interrupted unpack
+                if final.exists():  # a damaged entry
                     shutil.rmtree(final)
                 staging.replace(final)
             except BaseException:
@@ -242,6 +243,18 @@ class RootCache:
             final, unpacked.size, tuple(unpacked.warnings), tuple(unpacked.entries)
         )
         return result, True
+
+    @staticmethod
+    def _load(entry: Path) -> UnpackedPackage | None:
+        """The complete entry at ``entry``, marked used now; None if there is none."""
+        try:
+            os.utime(entry / MANIFEST)  # its last use, for eviction
+            return UnpackedPackage.load(entry)
+        except FileNotFoundError:
+            return None  # not unpacked yet, or evicted meanwhile
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("%s is damaged (%s); it is unpacked again", entry / MANIFEST, error)
+            return None
 
     def _drop_roots_with(self, key: str) -> None:
         for kept in self._roots.iterdir():
@@ -287,14 +300,14 @@ class RootCache:
                 layout.place(files, str(package.nevra))
             info = {"packages": [p.sha256 for p in packages], "warnings": layout.warnings}
             (staging / ROOT_INFO).write_text(json.dumps(info))
+            if any(fresh for _, fresh in unpacked):
+                self.evict()  # the new root's hard links keep its files, whatever goes
             if kept.exists():  # left by an interrupted build
                 shutil.rmtree(kept)
             staging.replace(kept)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if any(fresh for _, fresh in unpacked):
-            self.evict()
 
 
 class _Layout:

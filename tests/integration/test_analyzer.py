@@ -338,6 +338,37 @@ def test_a_core_without_build_ids_fails(analyzer: Analyzer, broken: Path) -> Non
     assert "carries no build-ids" in analyzer.reason(task_id)
 
 
+def test_a_package_damaged_on_the_mirrors_disk_fails_the_task_naming_it(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_broker_url: Callable[[], str],
+    crash_fixtures: Fixtures,
+    broken: Path,
+) -> None:
+    # A stack of its own: the module's stack has these packages cached already.
+    stack = start_stack(
+        tmp_path_factory.mktemp("damaged"),
+        make_broker_url(),
+        crash_fixtures,
+        overrides={"RETRACE_ANALYZER__FETCH_ATTEMPTS": "0"},
+    )
+    try:
+        [rpm] = (stack.home / "var/repo").rglob("glibc-debuginfo-*.rpm")
+        body = bytearray(rpm.read_bytes())
+        tags = int.from_bytes(body[104:108], "big")
+        body[112 + 16 * tags] ^= 0xFF  # in the signature header, which unpacking never reads
+        rpm.write_bytes(bytes(body))
+        analyzer = Analyzer(stack)
+        task_id = analyzer.inject(broken, "damaged-package")
+        assert analyzer.wait(task_id) == TaskStatus.FAILURE
+        assert analyzer.reason(task_id).startswith(
+            f"Retrace failed: A package could not be unpacked: {rpm.name} is not the file "
+            "the mirror recorded: its sha256 is "
+        )
+        assert not (analyzer.spool / task_id / "crash" / "coredump").exists()
+    finally:
+        stack.down()
+
+
 GDB_MISBEHAVING = {
     # A gdb stuck in a loop, with a child of its own.
     "hangs": (

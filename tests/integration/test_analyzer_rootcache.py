@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.analyzer.rootcache import RootCache
+from services.analyzer.unpack import PayloadError
 from services.common.store import Nevra, Package
 from tests.fixtures.build import Fixtures, RpmPackage
 
@@ -100,3 +101,39 @@ def test_an_evicted_package_takes_the_kept_roots_built_on_it_along(
         [packages["filesystem"].sha256, packages["glibc"].sha256]
     )
     assert not kept.exists()
+
+
+def test_an_rpm_that_is_not_what_the_mirror_recorded_is_refused_and_not_cached(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    glibc = packages["glibc"]
+    body = bytearray((crash_fixtures.rpms_dir / glibc.path).read_bytes())
+    # One byte of the signature header's data (a digest rpm would check): unpacking
+    # never reads it, so only the file's own sha256 can tell.
+    tags = int.from_bytes(body[104:108], "big")
+    body[112 + 16 * tags] ^= 0xFF
+    (repo / glibc.path).write_bytes(bytes(body))
+    cache = RootCache(tmp_path / "cache", repo)
+    with pytest.raises(PayloadError, match=f"{glibc.path} is not the file the mirror recorded"):
+        cache.unpacked(glibc)
+    assert list((tmp_path / "cache/packages").iterdir()) == []
+    with pytest.raises(PayloadError):
+        cache.assemble([glibc], tmp_path / "root")
+    assert not (tmp_path / "root").exists()
+    assert [p.name for p in (tmp_path / "cache/roots").iterdir()] == []
+
+
+def test_a_damaged_cache_entry_is_unpacked_again(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    crasher = packages["crasher"]
+    first, fresh = cache.unpacked(crasher)
+    assert fresh
+    (first.folder / "manifest").write_text("{not json\n")
+    again, fresh = cache.unpacked(crasher)
+    assert fresh
+    assert again.find("/usr/bin/crasher") is not None
+    assert again.entries == first.entries
