@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +19,8 @@ from services.common.store import Nevra, Package
 from tests.fixtures.build import Fixtures, RpmPackage
 
 pytestmark = pytest.mark.integration
+
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def package(number: int, rpm: RpmPackage) -> Package:
@@ -48,6 +54,36 @@ def test_two_tasks_needing_one_rpm_at_once_unpack_it_once(
     for thread in threads:
         thread.join()
     assert sorted(fresh) == [False, False, False, True]
+
+
+UNPACK_IN_ANOTHER_PROCESS = """
+import json, sys
+from pathlib import Path
+from services.analyzer.rootcache import RootCache
+from services.common.store import Nevra, Package
+cache_dir, repo, fields = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+fields["nevra"] = Nevra(**fields["nevra"])
+print(RootCache(Path(cache_dir), Path(repo)).unpacked(Package(**fields))[1])
+"""
+
+
+def test_two_processes_needing_one_rpm_at_once_unpack_it_once(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    wanted = packages["glibc-debuginfo"]
+    fields = json.dumps(dataclasses.asdict(wanted))
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    argv = [sys.executable, "-c", UNPACK_IN_ANOTHER_PROCESS]
+    argv += [str(tmp_path / "cache"), str(crash_fixtures.rpms_dir), fields]
+    # Both start while this process holds the entry's lock, so both must wait for it.
+    with cache._locks.held([f"unpack {wanted.sha256}"]):
+        workers = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=PROJECT) for _ in range(2)
+        ]
+        time.sleep(1.5)
+        assert all(worker.poll() is None for worker in workers)  # waiting, not done
+    answers = sorted(worker.communicate(timeout=60)[0].strip() for worker in workers)
+    assert answers == ["False", "True"]
 
 
 def test_a_root_seen_before_is_assembled_without_unpacking(
