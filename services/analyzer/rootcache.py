@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from services.analyzer.unpack import DIR, FILE, LINK, Entry, unpack_rpm
+from services.analyzer.unpack import DIR, FILE, LINK, Entry, shown, unpack_rpm
 from services.common.store import Package
 
 log = logging.getLogger(__name__)
@@ -199,11 +199,11 @@ class RootCache:
                 with self._locks.try_exclusive(f"use {entry.name}") as free:
                     if not free:
                         continue  # a running task uses it
-                    doomed = self._packages / f".evicted-{entry.name}"
-                    shutil.rmtree(doomed, ignore_errors=True)
-                    entry.replace(doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
-                self._drop_roots_with(entry.name)
+                    # Out of sight while the lock is held: a task leasing the entry
+                    # next finds neither it nor a kept root built on it.
+                    doomed = [_retire(entry)] + [_retire(r) for r in self._roots_with(entry.name)]
+                for path in doomed:
+                    shutil.rmtree(path, ignore_errors=True)
                 total -= size
                 removed.append(entry.name)
         for key in removed:
@@ -249,24 +249,31 @@ class RootCache:
         """The complete entry at ``entry``, marked used now; None if there is none."""
         try:
             os.utime(entry / MANIFEST)  # its last use, for eviction
-            return UnpackedPackage.load(entry)
         except FileNotFoundError:
             return None  # not unpacked yet, or evicted meanwhile
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except OSError:
+            pass  # not ours to touch (another user's shell): reading it is enough
+        try:
+            return UnpackedPackage.load(entry)
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as error:
             log.warning("%s is damaged (%s); it is unpacked again", entry / MANIFEST, error)
             return None
 
-    def _drop_roots_with(self, key: str) -> None:
+    def _roots_with(self, key: str) -> list[Path]:
+        """The kept roots built on the entry ``key``."""
+        found = []
         for kept in self._roots.iterdir():
+            if kept.name.startswith("."):
+                continue  # being built or being removed
             try:
                 keys = json.loads((kept / ROOT_INFO).read_text())["packages"]
             except (OSError, ValueError, KeyError):
                 continue
             if key in keys:
-                doomed = self._roots / f".evicted-{kept.name}"
-                shutil.rmtree(doomed, ignore_errors=True)
-                kept.replace(doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                found.append(kept)
+        return found
 
     def assemble(self, packages: list[Package], root: Path) -> list[str]:
         """Make ``root`` (which must not exist) the root of ``packages``; return warnings.
@@ -310,19 +317,30 @@ class RootCache:
             raise
 
 
+def _retire(path: Path) -> Path:
+    """Move ``path`` aside, under a name nothing looks up, for removal."""
+    doomed = path.parent / f".evicted-{path.name}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.replace(doomed)
+    return doomed
+
+
 class _Layout:
     """A root being laid out from packages' manifests, one package after another.
 
     Each folder is made once (remembered with where it really is), each file is a
-    hard link to the cached data, each link is made with its target kept inside
-    the root.  What is already there stays: the first package to ship a path wins.
+    hard link to the cached data, each link is made with a target that resolves
+    inside the root.  What is already there stays: the first package to ship a
+    path wins.
     """
 
     def __init__(self, root: Path) -> None:
         root.mkdir()
         self._root = str(root)
         self._real_root = os.path.realpath(root)
-        self._folders: dict[str, str | None] = {"": self._real_root}
+        self._folders: dict[str, str] = {"": self._real_root}
+        self._outside: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
         self.warnings: list[str] = []
 
     def place(self, package: UnpackedPackage, origin: str) -> None:
@@ -340,40 +358,57 @@ class _Layout:
                 if entry.kind == FILE:
                     os.link(f"{data}/{entry.value}", path)
                 elif entry.kind == LINK:
-                    os.symlink(self._target(entry, real_parent), path)  # noqa: PTH211
+                    os.symlink(self._target(entry.value, real_parent), path)  # noqa: PTH211
             except FileExistsError:
                 pass  # an earlier package shipped it
+            except OSError as error:
+                self._warn(origin, entry.path, f"cannot be made here ({error.strerror})")
 
-    def _target(self, entry: Entry, real_parent: str) -> str:
-        # An absolute target names a path of the crashed machine; left absolute it
-        # would lead gdb to the analyzer host's own file of that name.
-        if not entry.value.startswith("/"):
-            return entry.value
-        inside = posixpath.normpath(f"{self._real_root}/{entry.value.lstrip('/')}")
-        return posixpath.relpath(inside, real_parent)
+    def _target(self, target: str, real_parent: str) -> str:
+        """``target`` made relative, resolving inside the root as on the crashed machine.
+
+        On that machine a relative target starts from where the folder really is and
+        ``..`` stops at ``/``; an absolute one left absolute here would lead gdb to
+        the analyzer host's own file of that name.  Every link made this way climbs
+        at most to the root, so following links never leaves it.
+        """
+        here = real_parent[len(self._real_root) :] or "/"
+        wanted = "/" + posixpath.normpath(posixpath.join(here, target)).lstrip("/")
+        return posixpath.relpath(self._real_root + wanted, real_parent)
 
     def _folder(self, path: str, origin: str) -> str | None:
         """Make the folder ``path`` if needed; where it really is, or None if unusable."""
-        if path in self._folders:
-            return self._folders[path]
+        real = self._folders.get(path)
+        if real is not None or path in self._outside:
+            return real
         parent, _, name = path.rpartition("/")
         real_parent = self._folder(parent, origin)
-        real: str | None = None
-        if real_parent is not None:
-            made = f"{self._root}/{path}"
-            try:
-                os.mkdir(made, 0o755)  # noqa: PTH102 -- strings on the hot path
-                real = f"{real_parent}/{name}"
-            except FileExistsError:
-                # A link an earlier package made (lib64 -> usr/lib64) may lead here;
-                # it must still lead to a folder inside the root.
-                resolved = os.path.realpath(made)
-                inside = f"{resolved}/".startswith(f"{self._real_root}/")
-                if inside and Path(resolved).is_dir():
-                    real = resolved
-                elif inside:
-                    self.warnings.append(f"{origin}: /{path} is not a folder here; skipped")
-                else:
-                    self.warnings.append(f"{origin}: /{path} leads outside the root; skipped")
+        if real_parent is None:
+            return None
+        made = f"{self._root}/{path}"
+        try:
+            os.mkdir(made, 0o755)  # noqa: PTH102 -- strings on the hot path
+            real = f"{real_parent}/{name}"
+        except FileExistsError:
+            # A link an earlier package made (lib64 -> usr/lib64) may lead here; it
+            # must lead to a folder inside the root.  Where it leads to nothing yet, a
+            # later package may still make that folder.
+            resolved = os.path.realpath(made)
+            if not f"{resolved}/".startswith(f"{self._real_root}/"):
+                self._outside.add(path)
+                self._warn(origin, path, "leads outside the root")
+                return None
+            if not Path(resolved).is_dir():
+                self._warn(origin, path, "is not a folder here")
+                return None
+            real = resolved
+        except OSError as error:
+            self._warn(origin, path, f"cannot be made here ({error.strerror})")
+            return None
         self._folders[path] = real
         return real
+
+    def _warn(self, origin: str, path: str, problem: str) -> None:
+        if (origin, path) not in self._warned:
+            self._warned.add((origin, path))
+            self.warnings.append(f"{origin}: /{shown(path)} {problem}; skipped")

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import stat
 import struct
 import zlib
@@ -48,6 +49,12 @@ MAX_HEADER_TAGS = 0x00FFFF
 MAX_HEADER_DATA = 256 << 20
 TAG_PAYLOADFORMAT = 1124
 TAG_PAYLOADCOMPRESSOR = 1125
+TAG_SIZE = 1009
+TAG_BASENAMES = 1117
+TAG_LONGSIZE = 5009
+_WANTED_TAGS = (TAG_PAYLOADFORMAT, TAG_PAYLOADCOMPRESSOR, TAG_SIZE, TAG_LONGSIZE, TAG_BASENAMES)
+TYPE_INT32 = 4
+TYPE_INT64 = 5
 TYPE_STRING = 6
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -56,12 +63,21 @@ CPIO_MAGICS = (b"070701", b"070702")
 STRIPPED_MAGIC = b"07070X"
 TRAILER = "TRAILER!!!"
 MAX_NAME = 4096
+NAME_MAX = 255
+_HEX_FIELDS = re.compile(rb"[0-9A-Fa-f]{104}")
 CHUNK = 1 << 20
 # Readable by the sandbox's user, never set-id, never writable by others.
 FILE_MODE_MASK = 0o755
 DIR_MODE = 0o755
 # What the decompressors raise on a damaged stream (gzip's BadGzipFile is an OSError).
-_DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+_DECOMPRESSION_ERRORS = (
+    EOFError,
+    OSError,
+    ValueError,
+    zlib.error,
+    lzma.LZMAError,
+    zstandard.ZstdError,
+)
 
 
 class PayloadError(ValueError):
@@ -97,6 +113,11 @@ class Unpacked:
     warnings: list[str] = field(default_factory=list)
 
 
+def shown(path: str) -> str:
+    """``path`` for a message: bytes that are not UTF-8 written as escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class _Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
@@ -118,9 +139,9 @@ def unpack_rpm(rpm: Path, dest: Path, sha256: str | None = None) -> Unpacked:
         raise PayloadError(f"{rpm.name} cannot be opened: {error.strerror}") from error
     with opened as raw:
         source = _Source(raw)
-        compressor = _payload_compressor(source, rpm.name)
-        with _decompressed(source, compressor, rpm.name) as stream:
-            archive = _Archive(stream, rpm.name)
+        payload = _read_payload_header(source, rpm.name)
+        with _decompressed(source, payload.compressor, rpm.name) as stream:
+            archive = _Archive(stream, rpm.name, payload.limit)
             unpacked = _Extractor(archive, dest).run()
             archive.drain()  # to the end, where gzip, xz and bzip2 check their sums
         digest = source.digest_of_all()
@@ -160,24 +181,52 @@ class _Source:
         return self._sha256.hexdigest()
 
 
-def _payload_compressor(source: _Source, name: str) -> str:
+@dataclass(frozen=True)
+class _Payload:
+    """What the header says of the payload."""
+
+    compressor: str
+    size: int
+    """Bytes of file data and link targets the package installs (hard links once)."""
+    paths: int
+    """Paths the package lists."""
+
+    @property
+    def limit(self) -> int:
+        """The most bytes a payload of this package can hold, headers and padding included."""
+        return self.size + (self.paths + 1) * (CPIO_HEADER + MAX_NAME + 8) + CHUNK
+
+
+def _read_payload_header(source: _Source, name: str) -> _Payload:
     lead = source.read(LEAD_SIZE)
     if len(lead) != LEAD_SIZE or lead[:4] != LEAD_MAGIC:
         raise PayloadError(f"{name} is not an RPM: it does not start with an RPM lead")
     _read_header(source, name, "signature header", aligned=True)
-    strings = _read_header(source, name, "header", aligned=False)
-    payload_format = strings.get(TAG_PAYLOADFORMAT, "cpio")
+    header = _read_header(source, name, "header", aligned=False)
+    payload_format = header.strings.get(TAG_PAYLOADFORMAT, "cpio")
     if payload_format != "cpio":
         raise PayloadError(f"{name}: the payload format is {payload_format!r}, not cpio")
-    if TAG_PAYLOADCOMPRESSOR in strings:
-        return strings[TAG_PAYLOADCOMPRESSOR]
+    size = header.numbers.get(TAG_LONGSIZE, header.numbers.get(TAG_SIZE))
+    if size is None:
+        raise PayloadError(f"{name}: the header does not say how large the package is")
+    paths = header.counts.get(TAG_BASENAMES, 0)
+    if TAG_PAYLOADCOMPRESSOR in header.strings:
+        return _Payload(header.strings[TAG_PAYLOADCOMPRESSOR], size, paths)
     # Without the tag rpm reads the payload as gzip, and zlib passes data that is
     # not gzip through as it is: w.ufdio packages are written that way.
-    return "gzip" if source.peek(2) == GZIP_MAGIC else "identity"
+    compressor = "gzip" if source.peek(2) == GZIP_MAGIC else "identity"
+    return _Payload(compressor, size, paths)
 
 
-def _read_header(raw: _Source, name: str, what: str, *, aligned: bool) -> dict[int, str]:
-    """Read one header structure; return its payload tags of string type."""
+@dataclass
+class _Header:
+    strings: dict[int, str] = field(default_factory=dict)
+    numbers: dict[int, int] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+
+
+def _read_header(raw: _Source, name: str, what: str, *, aligned: bool) -> _Header:
+    """Read one header structure; keep the few tags unpacking needs."""
     intro = raw.read(16)
     if len(intro) != 16 or intro[:4] != HEADER_MAGIC:
         raise PayloadError(f"{name}: the {what} is missing or damaged")
@@ -190,14 +239,22 @@ def _read_header(raw: _Source, name: str, what: str, *, aligned: bool) -> dict[i
         raise PayloadError(f"{name}: the file ends inside its {what}")
     if aligned:
         raw.read(-(16 + 16 * tags + data_size) % 8)
-    strings: dict[int, str] = {}
-    for tag, kind, offset, _ in struct.iter_unpack(">IIII", index):
-        if tag in (TAG_PAYLOADFORMAT, TAG_PAYLOADCOMPRESSOR) and kind == TYPE_STRING:
+    header = _Header()
+    for tag, kind, offset, count in struct.iter_unpack(">IIII", index):
+        if tag not in _WANTED_TAGS:
+            continue
+        header.counts[tag] = count
+        if kind == TYPE_STRING and tag in (TAG_PAYLOADFORMAT, TAG_PAYLOADCOMPRESSOR):
             end = data.find(b"\0", offset)
             if offset >= data_size or end < 0:
                 raise PayloadError(f"{name}: tag {tag} of the {what} points outside it")
-            strings[tag] = data[offset:end].decode("ascii", "replace")
-    return strings
+            header.strings[tag] = data[offset:end].decode("ascii", "replace")
+        elif (kind, tag) in ((TYPE_INT32, TAG_SIZE), (TYPE_INT64, TAG_LONGSIZE)):
+            width = 4 if kind == TYPE_INT32 else 8
+            if offset + width > data_size:
+                raise PayloadError(f"{name}: tag {tag} of the {what} points outside it")
+            header.numbers[tag] = int.from_bytes(data[offset : offset + width], "big")
+    return header
 
 
 def _decompressed(source: _Source, compressor: str, name: str) -> AbstractContextManager[_Readable]:
@@ -220,12 +277,18 @@ def _decompressed(source: _Source, compressor: str, name: str) -> AbstractContex
 class _Archive:
     """The decompressed payload, read in exact amounts; tracks cpio's 4-byte alignment."""
 
-    def __init__(self, stream: _Readable, name: str) -> None:
+    def __init__(self, stream: _Readable, name: str, limit: int) -> None:
         self._stream = stream
         self._position = 0
+        self._limit = limit
         self.name = name
 
     def read(self, size: int) -> bytes:
+        if not 0 <= size <= self._limit - self._position:
+            raise PayloadError(
+                f"{self.name}: the payload holds more than its header declares "
+                f"({self._limit} bytes at most)"
+            )
         first = self._decompress(size)
         if len(first) == size:
             self._position += size
@@ -244,15 +307,8 @@ class _Archive:
     def _decompress(self, size: int) -> bytes:
         try:
             return self._stream.read(size)
-        except (
-            EOFError,
-            OSError,
-            ValueError,
-            zlib.error,
-            lzma.LZMAError,
-            zstandard.ZstdError,
-        ) as e:
-            raise PayloadError(f"{self.name}: the payload cannot be read: {e}") from e
+        except _DECOMPRESSION_ERRORS as error:
+            raise PayloadError(f"{self.name}: the payload cannot be read: {error}") from error
 
     def align(self) -> None:
         pad = -self._position % 4
@@ -266,8 +322,13 @@ class _Archive:
             size -= len(chunk)
 
     def drain(self) -> None:
-        while self._decompress(CHUNK):
-            pass
+        while chunk := self._decompress(CHUNK):
+            self._position += len(chunk)
+            if self._position > self._limit:
+                raise PayloadError(
+                    f"{self.name}: the payload holds more than its header declares "
+                    f"({self._limit} bytes at most)"
+                )
 
     def skip(self, size: int) -> None:
         while size:
@@ -288,45 +349,55 @@ class _Extractor:
         self._linked_waiting: dict[int, list[tuple[str, int, int]]] = {}
 
     def run(self) -> Unpacked:
-        archive = self._archive
         while (header := self._next()) is not None:
             path, mode, inode, links, mtime, size = header
             kind = stat.S_IFMT(mode)
             if kind == stat.S_IFDIR:
                 self._result.entries.append(Entry(DIR, path))
-                archive.skip(size)
-            elif kind == stat.S_IFLNK and size <= MAX_NAME:
-                target = os.fsdecode(archive.read(size))
-                self._result.entries.append(Entry(LINK, path, target))
-                self._result.size += size
+                self._archive.skip(size)
             elif kind == stat.S_IFLNK:
-                self._warn(path, f"is a link with a {size}-byte target; skipped")
-                archive.skip(size)
-            elif kind == stat.S_IFREG and links > 1 and size == 0:
-                data = self._linked_data.get(inode)
-                if data is None:
-                    self._linked_waiting.setdefault(inode, []).append((path, mode, mtime))
-                else:
-                    self._result.entries.append(Entry(FILE, path, data))
+                self._link(path, size)
             elif kind == stat.S_IFREG:
-                data = self._write_data(mode, mtime, size)
-                self._result.entries.append(Entry(FILE, path, data))
-                if links > 1:
-                    self._linked_data[inode] = data
-                    for waiting, _, _ in self._linked_waiting.pop(inode, []):
-                        self._result.entries.append(Entry(FILE, waiting, data))
+                self._file(path, mode, inode, links, mtime, size)
             else:
                 self._warn(path, "is a device, FIFO or socket; skipped")
-                archive.skip(size)
-            archive.align()
+                self._archive.skip(size)
+            self._archive.align()
         for names in self._linked_waiting.values():  # a set whose files are all empty
             _, mode, mtime = names[0]
             data = self._write_data(mode, mtime, 0)
             self._result.entries += [Entry(FILE, name, data) for name, _, _ in names]
         return self._result
 
+    def _link(self, path: str, size: int) -> None:
+        if size > MAX_NAME:
+            self._warn(path, f"is a link with a {size}-byte target; skipped")
+            self._archive.skip(size)
+            return
+        target = self._archive.read(size)
+        self._result.size += size
+        if target and b"\0" not in target:
+            self._result.entries.append(Entry(LINK, path, os.fsdecode(target)))
+        else:
+            self._warn(path, "is a link with an empty or NUL-bearing target; skipped")
+
+    def _file(self, path: str, mode: int, inode: int, links: int, mtime: int, size: int) -> None:
+        if links > 1 and size == 0:
+            data = self._linked_data.get(inode)
+            if data is None:
+                self._linked_waiting.setdefault(inode, []).append((path, mode, mtime))
+            else:
+                self._result.entries.append(Entry(FILE, path, data))
+            return
+        data = self._write_data(mode, mtime, size)
+        self._result.entries.append(Entry(FILE, path, data))
+        if links > 1:
+            self._linked_data[inode] = data
+            for waiting, _, _ in self._linked_waiting.pop(inode, []):
+                self._result.entries.append(Entry(FILE, waiting, data))
+
     def _warn(self, path: str, text: str) -> None:
-        self._result.warnings.append(f"{self._archive.name}: /{path} {text}")
+        self._result.warnings.append(f"{self._archive.name}: /{shown(path)} {text}")
 
     def _next(self) -> tuple[str, int, int, int, int, int] | None:
         """The next entry's path, mode, inode, link count, mtime and size; None at the end."""
@@ -340,10 +411,9 @@ class _Extractor:
                         "which this analyzer does not read"
                     )
                 raise PayloadError(f"{archive.name}: the payload is not a cpio (newc) archive")
-            try:
-                fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
-            except ValueError:
-                raise PayloadError(f"{archive.name}: a cpio header is damaged") from None
+            if not _HEX_FIELDS.fullmatch(header[6:]):
+                raise PayloadError(f"{archive.name}: a cpio header is damaged")
+            fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
             inode, mode, _, _, links, mtime, size, *_, name_size, _ = fields
             if not 1 <= name_size <= MAX_NAME:
                 raise PayloadError(f"{archive.name}: a cpio entry has a {name_size}-byte name")
@@ -357,6 +427,8 @@ class _Extractor:
             parts = [p for p in name.split("/") if p not in ("", ".")]
             if ".." in parts:
                 self._warn(name.lstrip("./"), "climbs out with ..; skipped")
+            elif any(len(os.fsencode(part)) > NAME_MAX for part in parts):
+                self._warn(name.lstrip("./"), f"has a name part over {NAME_MAX} bytes; skipped")
             elif parts:  # not the archive's own top folder
                 return "/".join(parts), mode, inode, links, mtime, size
             archive.skip(size)
@@ -365,7 +437,7 @@ class _Extractor:
     def _write_data(self, mode: int, mtime: int, size: int) -> str:
         name = str(self._result.files)
         fd = os.open(f"{self._dest}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "wb") as out:  # noqa: PTH123 -- an already open descriptor
+        with open(fd, "wb", closefd=True) as out:  # noqa: PTH123 -- an already open descriptor
             self._archive.copy(size, out)
             out.flush()
             os.fchmod(fd, (mode & FILE_MODE_MASK) | stat.S_IRUSR)

@@ -53,8 +53,12 @@ def test_paths_under_another_packages_folder_link_land_where_it_leads(tmp_path: 
             Entry(LINK, "lib64/libold.so.1", "/lib64/libold.so.1.0"),
             Entry(DIR, "lib64/old"),
             Entry(FILE, "lib64/old/plugin.so", "1"),
+            # From /lib64, really /usr/lib64: ../share is /usr/share on that machine.
+            Entry(LINK, "lib64/data-relative", "../share/old/data"),
+            Entry(LINK, "lib64/data-absolute", "/usr/share/old/data"),
+            Entry(FILE, "usr/share/old/data", "2"),
         ],
-        {"0": "old library", "1": "plugin"},
+        {"0": "old library", "1": "plugin", "2": "shared data"},
     )
     layout = _Layout(tmp_path / "root")
     layout.place(filesystem, "filesystem-3-1.x86_64")
@@ -63,10 +67,13 @@ def test_paths_under_another_packages_folder_link_land_where_it_leads(tmp_path: 
     assert (root / "usr/lib64/libold.so.1").read_text() == "old library"
     assert (root / "lib64/libold.so.1").read_text() == "old library"
     assert (root / "usr/lib64/old/plugin.so").read_text() == "plugin"
+    assert (root / "lib64/data-relative").read_text() == "shared data"
+    assert (root / "lib64/data-absolute").read_text() == "shared data"
+    assert (root / "usr/lib64/data-absolute").readlink() == Path("../share/old/data")
     assert layout.warnings == []
 
 
-def test_a_folder_link_leading_out_of_the_root_is_not_followed(tmp_path: Path) -> None:
+def test_links_climbing_out_of_the_root_stop_at_it_as_at_slash(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     package = cached(
@@ -74,6 +81,9 @@ def test_a_folder_link_leading_out_of_the_root_is_not_followed(tmp_path: Path) -
         [
             Entry(LINK, "etc", str(outside)),
             Entry(LINK, "up", "../.."),
+            Entry(DIR, "usr/lib"),
+            Entry(LINK, "usr/lib/libc.so.6", "/../../../../../../usr/lib64/libc.so.6"),
+            Entry(LINK, "usr/lib/far", "../../../../../../../../../etc"),
             Entry(FILE, "etc/passwd", "0"),
             Entry(FILE, "up/escaped", "0"),
         ],
@@ -81,13 +91,27 @@ def test_a_folder_link_leading_out_of_the_root_is_not_followed(tmp_path: Path) -
     )
     layout = _Layout(tmp_path / "root")
     layout.place(package, "evil-1-1.x86_64")
+    root = tmp_path / "root"
     assert list(outside.iterdir()) == []
     assert not (tmp_path / "escaped").exists()
+    # On the crashed machine /up/../.. is /; here it is the root.
+    assert (root / "up").resolve() == root.resolve()
+    assert (root / "escaped").read_text() == "written through a link"
+    assert (root / "usr/lib/libc.so.6").readlink() == Path("../lib64/libc.so.6")
+    assert (root / "usr/lib/far").readlink() == Path("../../etc")
     # The absolute link now points inside the root, where nothing is.
-    assert layout.warnings == [
-        "evil-1-1.x86_64: /etc is not a folder here; skipped",
-        "evil-1-1.x86_64: /up leads outside the root; skipped",
-    ]
+    assert layout.warnings == ["evil-1-1.x86_64: /etc is not a folder here; skipped"]
+
+
+def test_a_folder_link_leading_out_of_the_root_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    package = cached(tmp_path / "p", [Entry(FILE, "planted/x", "0")], {"0": "x"})
+    layout = _Layout(tmp_path / "root")
+    (tmp_path / "root/planted").symlink_to(outside)  # however it got there
+    layout.place(package, "p-1-1.x86_64")
+    assert list(outside.iterdir()) == []
+    assert layout.warnings == ["p-1-1.x86_64: /planted leads outside the root; skipped"]
 
 
 def test_the_first_package_to_ship_a_path_wins(tmp_path: Path) -> None:

@@ -1,0 +1,154 @@
+"""The RPM unpacker on payloads written by hand: what rpmbuild never writes, a hostile file may."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from services.analyzer.unpack import DIR, FILE, LINK, Entry, PayloadError, unpack_rpm
+
+REG, DIRECTORY, SYMLINK, CHARDEV = 0o100644, 0o040755, 0o120777, 0o020644
+
+
+def newc(
+    name: str | bytes,
+    mode: int,
+    data: bytes = b"",
+    *,
+    inode: int = 0,
+    links: int = 1,
+    raw_fields: dict[int, bytes] | None = None,
+) -> bytes:
+    """One cpio "new ASCII" entry, padded to 4 bytes (payloads start aligned)."""
+    encoded = (name.encode() if isinstance(name, str) else name) + b"\0"
+    values = [inode, mode, 0, 0, links, 1_700_000_000, len(data), 0, 0, 0, 0, len(encoded), 0]
+    fields = [b"%08X" % value for value in values]
+    for index, raw in (raw_fields or {}).items():
+        fields[index] = raw
+    entry = b"070701" + b"".join(fields) + encoded
+    entry += b"\0" * (-len(entry) % 4)
+    return entry + data + b"\0" * (-len(data) % 4)
+
+
+def header(tags: list[tuple[int, int, bytes]]) -> bytes:
+    """An RPM header structure: (tag, type, value) entries and their data store."""
+    index, store = b"", b""
+    for tag, kind, value in tags:
+        store += b"\0" * (-len(store) % 8)
+        index += struct.pack(">IIII", tag, kind, len(store), 1)
+        store += value
+    return b"\x8e\xad\xe8\x01\0\0\0\0" + struct.pack(">II", len(tags), len(store)) + index + store
+
+
+def rpm(
+    path: Path, entries: list[bytes], declared: int | None = None, compressor: bytes = b"gzip"
+) -> Path:
+    payload = b"".join(entries) + newc("TRAILER!!!", 0)
+    data = sum(len(e) for e in entries) if declared is None else declared
+    signature = header([])
+    signature += b"\0" * (-len(signature) % 8)
+    tags = [(1124, 6, b"cpio\0"), (1125, 6, compressor + b"\0")]
+    if declared != -1:
+        tags.append((1009, 4, struct.pack(">I", data)))
+    lead = b"\xed\xab\xee\xdb" + b"\0" * 92
+    path.write_bytes(lead + signature + header(tags) + gzip.compress(payload))
+    return path
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+def test_hard_links_share_data_whether_it_comes_first_or_last(tmp_path: Path, dest: Path) -> None:
+    package = rpm(
+        tmp_path / "links.rpm",
+        [
+            newc("./a/first", REG, b"", inode=7, links=2),
+            newc("./a/second", REG, b"data of 7", inode=7, links=2),
+            newc("./b/first", REG, b"data of 9", inode=9, links=2),
+            newc("./b/second", REG, b"", inode=9, links=2),
+        ],
+    )
+    unpacked = unpack_rpm(package, dest)
+    by_path = {e.path: e for e in unpacked.entries}
+    assert by_path["a/first"].value == by_path["a/second"].value
+    assert by_path["b/first"].value == by_path["b/second"].value
+    assert (dest / by_path["a/first"].value).read_bytes() == b"data of 7"
+    assert (dest / by_path["b/second"].value).read_bytes() == b"data of 9"
+    assert unpacked.files == 2
+
+
+def test_names_are_made_relative_and_never_climb_out(tmp_path: Path, dest: Path) -> None:
+    package = rpm(
+        tmp_path / "names.rpm",
+        [
+            newc("/usr/bin/absolute", REG, b"x"),
+            newc("./usr/../../etc/passwd", REG, b"x"),
+            newc("./", DIRECTORY),
+            newc("./usr//lib/./x", REG, b"x"),
+        ],
+    )
+    unpacked = unpack_rpm(package, dest)
+    assert [e.path for e in unpacked.entries] == ["usr/bin/absolute", "usr/lib/x"]
+    assert unpacked.warnings == [
+        f"{package.name}: /usr/../../etc/passwd climbs out with ..; skipped"
+    ]
+
+
+def test_what_cannot_be_placed_is_skipped_with_a_warning(tmp_path: Path, dest: Path) -> None:
+    package = rpm(
+        tmp_path / "odd.rpm",
+        [
+            newc("./dev/null", CHARDEV),
+            newc(b"./dev/\xff", CHARDEV),
+            newc("./usr/lib/empty-link", SYMLINK, b""),
+            newc("./usr/lib/nul-link", SYMLINK, b"lib\0c.so"),
+            newc("./usr/share/" + "n" * 300, REG, b"x"),
+            newc("./usr/lib/fine", SYMLINK, b"libc.so.6"),
+        ],
+    )
+    unpacked = unpack_rpm(package, dest)
+    assert unpacked.entries == [Entry(LINK, "usr/lib/fine", "libc.so.6")]
+    odd_link = "is a link with an empty or NUL-bearing target; skipped"
+    assert unpacked.warnings == [
+        f"{package.name}: /dev/null is a device, FIFO or socket; skipped",
+        f"{package.name}: /dev/\\xff is a device, FIFO or socket; skipped",
+        f"{package.name}: /usr/lib/empty-link {odd_link}",
+        f"{package.name}: /usr/lib/nul-link {odd_link}",
+        f"{package.name}: /usr/share/{'n' * 300} has a name part over 255 bytes; skipped",
+    ]
+    json.dumps(unpacked.warnings).encode("utf-8")  # a task's log can hold them
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [b"-0000001", b"0x00FFFF", b"+0000010", b" 0000010"])
+def test_a_cpio_header_that_is_not_plain_hex_is_refused(
+    tmp_path: Path, dest: Path, size: bytes
+) -> None:
+    package = rpm(tmp_path / "bad.rpm", [newc("./x", REG, b"x", raw_fields={6: size})])
+    with pytest.raises(PayloadError, match=r"bad.rpm: a cpio header is damaged"):
+        unpack_rpm(package, dest)
+
+
+def test_a_payload_holding_more_than_its_header_declares_is_refused(
+    tmp_path: Path, dest: Path
+) -> None:
+    big = rpm(tmp_path / "big.rpm", [newc("./x", REG, b"\0" * (4 << 20))], declared=1000)
+    with pytest.raises(PayloadError, match=r"big.rpm: the payload holds more than its header"):
+        unpack_rpm(big, dest)
+    unsized = rpm(tmp_path / "unsized.rpm", [newc("./x", REG, b"x")], declared=-1)
+    with pytest.raises(PayloadError, match=r"unsized.rpm: the header does not say how large"):
+        unpack_rpm(unsized, dest)
+
+
+def test_a_plain_payload_is_read_as_it_is(tmp_path: Path, dest: Path) -> None:
+    package = rpm(tmp_path / "plain.rpm", [newc("./usr", DIRECTORY), newc("./usr/x", REG, b"x")])
+    unpacked = unpack_rpm(package, dest)
+    assert [(e.kind, e.path) for e in unpacked.entries] == [(DIR, "usr"), (FILE, "usr/x")]
