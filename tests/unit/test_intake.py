@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import tarfile
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from services.common.bus import PublishError
 from services.common.settings import Settings, load_settings
 from services.common.spool import Spool
 from services.common.store import Store, TaskStatus, tasks
-from services.intake.app import create_app
+from services.intake.app import create_app, new_task_id
 from services.intake.create import disk_free
 from services.intake.upload import FreeSpace
 
@@ -230,3 +231,9 @@ def test_settings_lists_limits_and_formats(intake: Intake) -> None:
     assert lines["max_packed_size"] == "50"
     assert lines["max_unpacked_size"] == "1024"
     assert XZ in lines["supported_formats"].split()
+
+
+def test_task_ids_are_letters_and_digits_so_no_command_line_takes_one_for_an_option() -> None:
+    ids = {new_task_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    assert all(re.fullmatch(r"[A-Za-z0-9]{24}", task_id) for task_id in ids)
