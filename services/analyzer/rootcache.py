@@ -27,6 +27,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ UNPACK_WORKERS = 2 * (os.cpu_count() or 1)
 MANIFEST = "manifest"
 ROOT_INFO = "root.json"
 MAX_LINK_HOPS = 8
+ABANDONED_AFTER = 6 * 3600
+"""Seconds after which a folder still being unpacked or built was left by a killed process."""
 FIRST_LAYOUT = ("rpms",)
 """Folders of the cache's first layout (a tree per RPM), unused since."""
 
@@ -157,6 +160,18 @@ class RootCache:
         for old in FIRST_LAYOUT:
             if (cache_dir / old).exists():
                 log.warning("%s is left from an older cache layout; it can be removed", old)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove what killed processes left: folders being removed, or long abandoned."""
+        abandoned = time.time() - ABANDONED_AFTER
+        for folder in (self._packages, self._roots):
+            for left in folder.iterdir():
+                if left.name.startswith(".evicted-") or (
+                    left.name.startswith((".unpack-", ".root-"))
+                    and left.stat().st_mtime < abandoned
+                ):
+                    shutil.rmtree(left, ignore_errors=True)
 
     @contextmanager
     def lease(self, packages: list[Package]) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -173,3 +174,21 @@ def test_a_damaged_cache_entry_is_unpacked_again(
     assert fresh
     assert again.find("/usr/bin/crasher") is not None
     assert again.entries == first.entries
+
+
+def test_what_a_killed_analyzer_left_is_swept_when_the_next_one_starts(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    RootCache(tmp_path / "cache", repo)
+    packages, roots = tmp_path / "cache/packages", tmp_path / "cache/roots"
+    left = [packages / ".evicted-abc", packages / ".unpack-old", roots / ".root-old"]
+    young = [packages / ".unpack-now", roots / ".root-now", packages / "abc"]
+    for folder in left + young:
+        folder.mkdir()
+        (folder / "file").write_text("x")
+    day_ago = time.time() - 86400
+    for folder in left[1:]:
+        os.utime(folder, (day_ago, day_ago))
+    RootCache(tmp_path / "cache", repo)
+    assert [f for f in left if f.exists()] == []
+    assert all(f.exists() for f in young)  # perhaps another analyzer's work in progress
