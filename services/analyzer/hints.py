@@ -101,21 +101,22 @@ def match_hints(
                 continue
             if package.nevra.arch not in (arch, "noarch"):
                 continue
-            files = cache.unpacked(package)[0]
-            debug = _debuginfo_of(store, package, os_release)
-            for entry in files.entries:
-                installed = f"/{entry.path}"
-                data = files.find(installed) if entry.kind != DIR else None
-                if data is None:
-                    continue
-                found = build_id_of(data)
-                module = wanted.pop(found, None) if found else None
-                how = f"its build-id note in {installed}"
-                if module is None and installed in by_path:
-                    module = by_path.pop(installed)
-                    how = f"its path {installed} (it has no build-id)"
-                if module is not None:
-                    matches.append(HintMatch(module, package, debug, how))
+            with cache.lease([package]):  # eviction leaves it alone meanwhile
+                files = cache.unpacked(package)[0]
+                debug = _debuginfo_of(store, package, os_release)
+                for entry in files.entries:
+                    installed = f"/{entry.path}"
+                    data = files.find(installed) if entry.kind != DIR else None
+                    if data is None:
+                        continue
+                    found = build_id_of(data)
+                    module = wanted.pop(found, None) if found else None
+                    how = f"its build-id note in {installed}"
+                    if module is None and installed in by_path:
+                        module = by_path.pop(installed)
+                        how = f"its path {installed} (it has no build-id)"
+                    if module is not None:
+                        matches.append(HintMatch(module, package, debug, how))
     return matches
 
 
