@@ -179,6 +179,16 @@ def start_stack(
     return stack
 
 
+def wait_gone(path: Path, timeout: float = 10) -> None:
+    """Wait until ``path`` no longer exists (the analyzer deletes a core just after
+    it announces the task final)."""
+    deadline = time.monotonic() + timeout
+    while path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} is still there after {timeout} s")
+        time.sleep(0.05)
+
+
 def wait_build(
     stack: Stack, store: Store, build_id: int, state: str, timeout: float = 60
 ) -> KojiBuild:

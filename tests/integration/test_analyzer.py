@@ -23,7 +23,7 @@ from services.common.bus import Publisher
 from services.common.runner import run
 from services.common.store import Store, TaskStatus
 from tests.fixtures.build import Fixtures
-from tests.integration.stack import BIN, Stack, pack_problem_dir, start_stack
+from tests.integration.stack import BIN, Stack, pack_problem_dir, start_stack, wait_gone
 from tests.integration.test_end_to_end import XZ, submit
 
 pytestmark = pytest.mark.integration
@@ -364,7 +364,7 @@ def test_a_package_damaged_on_the_mirrors_disk_fails_the_task_naming_it(
             f"Retrace failed: A package could not be unpacked: {rpm.name} is not the file "
             "the mirror recorded: its sha256 is "
         )
-        assert not (analyzer.spool / task_id / "crash" / "coredump").exists()
+        wait_gone(analyzer.spool / task_id / "crash" / "coredump")
     finally:
         stack.down()
 
@@ -409,7 +409,7 @@ def test_a_gdb_that_hangs_or_crashes_fails_the_task_with_the_reason(
         task_id = analyzer.inject(broken, f"{behaviour}-gdb")
         assert analyzer.wait(task_id) == TaskStatus.FAILURE
         assert analyzer.reason(task_id) == reason
-        assert not (analyzer.spool / task_id / "crash" / "coredump").exists()
+        wait_gone(analyzer.spool / task_id / "crash" / "coredump")
     finally:
         stack.down()
     assert run(["pgrep", "-f", "sleep 34[12]"], timeout=10, check=False).stdout == ""

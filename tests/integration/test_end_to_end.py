@@ -19,7 +19,7 @@ from schemas.messages import TaskFinishedV1, parse
 from schemas.topology import EXCHANGE, TASK_FINISHED
 from services.common.bus import connect
 from tests.fixtures.build import Fixtures
-from tests.integration.stack import Stack, pack_problem_dir, start_stack
+from tests.integration.stack import Stack, pack_problem_dir, start_stack, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_a_real_crash_is_retraced_through_the_whole_system(
 
     # The core is deleted once the task is final; the event says where it crashed.
     task_dir = stack.home / "var" / "spool" / task_id
-    assert not (task_dir / "crash" / "coredump").exists()
+    wait_gone(task_dir / "crash" / "coredump")
     event = None
     for _ in range(50):
         method, _props, raw = spy_channel.basic_get(spy, auto_ack=True)
