@@ -436,12 +436,11 @@ class _Extractor:
 
     def _write_data(self, mode: int, mtime: int, size: int) -> str:
         name = str(self._result.files)
-        fd = os.open(f"{self._dest}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "wb", closefd=True) as out:  # noqa: PTH123 -- an already open descriptor
+        with open(f"{self._dest}/{name}", "xb") as out:  # noqa: PTH123 -- strings, hot path
             self._archive.copy(size, out)
             out.flush()
-            os.fchmod(fd, (mode & FILE_MODE_MASK) | stat.S_IRUSR)
-            os.utime(fd, (mtime, mtime))
+            os.fchmod(out.fileno(), (mode & FILE_MODE_MASK) | stat.S_IRUSR)
+            os.utime(out.fileno(), (mtime, mtime))
         self._result.size += size
         self._result.files += 1
         return name
