@@ -18,6 +18,8 @@ DEAD_LETTER_EXCHANGE = "retrace.dead-letter"
 
 COMMAND_POLICY = "retrace-commands"
 """The RabbitMQ policy giving every command queue its delivery limit and dead-lettering."""
+SUBSCRIPTION_POLICY = "retrace-subscriptions"
+"""The RabbitMQ policy bounding our event subscription queues: beyond it the oldest go."""
 
 
 @dataclass(frozen=True)

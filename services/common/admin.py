@@ -69,24 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"topology declared for {', '.join(arches)}")
     elif args.command == "policies":
         try:
-            policy = apply_policies(
-                settings.broker.management_url, settings.broker.url, settings.broker.delivery_limit
+            policies = apply_policies(
+                settings.broker.management_url,
+                settings.broker.url,
+                settings.broker.delivery_limit,
+                settings.broker.subscription_max_length,
             )
         except PolicyError as exc:
             print(f"retrace-admin: {exc}", file=sys.stderr)
             return 1
-        print(f"policy applied to queues matching {policy['pattern']}: {policy['definition']}")
+        for name, policy in policies.items():
+            print(f"{name} applied to queues matching {policy['pattern']}: {policy['definition']}")
     else:
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
     return 0
 
 
 def definitions_text(settings: Settings, arches: tuple[str, ...]) -> str:
-    """The definitions file for ``settings``'s broker vhost, arches, delivery limit and delays."""
+    """The definitions file for ``settings``'s broker vhost, arches, policies and delays."""
     definitions = topology_definitions(
         arches,
         pika.URLParameters(settings.broker.url).virtual_host,
         settings.broker.delivery_limit,
+        settings.broker.subscription_max_length,
         settings.mirror.retry_delays,
     )
     return json.dumps(definitions, indent=2) + "\n"

@@ -37,6 +37,7 @@ from schemas.topology import (
     EXCHANGE,
     MIRROR_WAIT,
     ROUTES,
+    SUBSCRIPTION_POLICY,
     SUBSCRIPTIONS,
     Route,
     WaitRoute,
@@ -141,6 +142,34 @@ def command_queue_pattern() -> str:
     return "^(" + "|".join(names) + ")$"
 
 
+def subscription_queue_pattern() -> str:
+    """A regular expression matching every event subscription queue of ours."""
+    return "^(" + "|".join(re.escape(s.queue_for()) for s in SUBSCRIPTIONS) + ")$"
+
+
+def subscription_policy(max_length: int) -> dict[str, Any]:
+    """The policy body: a subscription queue keeps its newest ``max_length`` events.
+
+    An event only hastens what happens anyway (a build-synced event wakes tasks
+    that their wait queue's TTL would wake later), so when no one reads them for
+    long, dropping the oldest is better than filling the broker's disk.
+    """
+    return {
+        "pattern": subscription_queue_pattern(),
+        "apply-to": "queues",
+        "priority": 0,
+        "definition": {"max-length": max_length, "overflow": "drop-head"},
+    }
+
+
+def our_policies(delivery_limit: int, subscription_max_length: int) -> dict[str, dict[str, Any]]:
+    """Every policy of ours by name."""
+    return {
+        COMMAND_POLICY: command_policy(delivery_limit),
+        SUBSCRIPTION_POLICY: subscription_policy(subscription_max_length),
+    }
+
+
 def command_policy(delivery_limit: int) -> dict[str, Any]:
     """The policy body: after ``delivery_limit`` returns a command goes to the dead letters.
 
@@ -161,11 +190,15 @@ def command_policy(delivery_limit: int) -> dict[str, Any]:
 
 
 def _management_request(
-    management_url: str, broker_url: str, method: str, body: dict[str, Any] | None = None
+    management_url: str,
+    broker_url: str,
+    method: str,
+    name: str,
+    body: dict[str, Any] | None = None,
 ) -> Any:
     params = pika.URLParameters(broker_url)
     vhost = urllib.parse.quote(params.virtual_host, safe="")
-    url = f"{management_url.rstrip('/')}/api/policies/{vhost}/{COMMAND_POLICY}"
+    url = f"{management_url.rstrip('/')}/api/policies/{vhost}/{name}"
     credentials = params.credentials
     user = getattr(credentials, "username", "guest")
     password = getattr(credentials, "password", "guest")
@@ -188,29 +221,33 @@ def _management_request(
     return json.loads(text) if text.strip() else {}
 
 
-def apply_policies(management_url: str, broker_url: str, delivery_limit: int) -> dict[str, Any]:
-    """Set the command-queue policy on ``broker_url``'s vhost; return the policy body."""
-    policy = command_policy(delivery_limit)
-    _management_request(management_url, broker_url, "PUT", policy)
-    return policy
+def apply_policies(
+    management_url: str, broker_url: str, delivery_limit: int, subscription_max_length: int
+) -> dict[str, dict[str, Any]]:
+    """Set our policies on ``broker_url``'s vhost; return them by name."""
+    policies = our_policies(delivery_limit, subscription_max_length)
+    for name, policy in policies.items():
+        _management_request(management_url, broker_url, "PUT", name, policy)
+    return policies
 
 
 def topology_definitions(
     arches: tuple[str, ...],
     vhost: str,
     delivery_limit: int,
+    subscription_max_length: int,
     wait_delays: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """The whole topology as a RabbitMQ definitions file (``rabbitmqctl import_definitions``).
 
-    Exchanges, queues and bindings come from :func:`topology_queues`, the policy from
-    :func:`command_policy`, the mirror's wait queues (for ``wait_delays`` seconds)
+    Exchanges, queues and bindings come from :func:`topology_queues`, the policies from
+    :func:`our_policies`, the mirror's wait queues (for ``wait_delays`` seconds)
     from :meth:`schemas.topology.WaitRoute.arguments`: what the services declare
     and ``retrace-admin policies`` applies, spelled nowhere else.
     """
     queues = topology_queues(arches)
     waits = [QueueSpec(MIRROR_WAIT.queue_for(s), MIRROR_WAIT.arguments(s), ()) for s in wait_delays]
-    policy = command_policy(delivery_limit)
+    policies = our_policies(delivery_limit, subscription_max_length)
     return {
         "vhosts": [{"name": vhost}],
         "exchanges": [
@@ -247,22 +284,23 @@ def topology_definitions(
             for q in queues
             for exchange, key in q.bindings
         ],
-        "policies": [{"vhost": vhost, "name": COMMAND_POLICY, **policy}],
+        "policies": [{"vhost": vhost, "name": name, **body} for name, body in policies.items()],
     }
 
 
 def policy_problem(management_url: str, broker_url: str) -> str | None:
-    """Why the command queues lack their dead-lettering policy, or ``None`` if they have it."""
+    """Why our queues lack their policies, or ``None`` if they have them."""
     try:
-        found = _management_request(management_url, broker_url, "GET")
+        commands = _management_request(management_url, broker_url, "GET", COMMAND_POLICY)
+        subscriptions = _management_request(management_url, broker_url, "GET", SUBSCRIPTION_POLICY)
     except PolicyError as exc:
         return f"cannot check the broker's policies: {exc}"
-    if found is None:
+    if commands is None:
         return (
             f"the broker has no '{COMMAND_POLICY}' policy: commands that keep failing are "
             "never dead-lettered; run 'retrace-admin policies'"
         )
-    definition = found.get("definition", {})
+    definition = commands.get("definition", {})
     wanted = command_policy(1)["definition"]
     differing = sorted(
         k for k in wanted if k != "delivery-limit" and definition.get(k) != wanted[k]
@@ -270,6 +308,11 @@ def policy_problem(management_url: str, broker_url: str) -> str | None:
     if "delivery-limit" not in definition or differing:
         return (
             f"the '{COMMAND_POLICY}' policy differs from ours ({differing or 'no delivery-limit'})"
+        )
+    if subscriptions is None or "max-length" not in subscriptions.get("definition", {}):
+        return (
+            f"the broker has no '{SUBSCRIPTION_POLICY}' policy: events pile up while no one "
+            "reads them; run 'retrace-admin policies'"
         )
     return None
 

@@ -53,6 +53,7 @@ class BrokerSettings(_Section):
     heartbeat: int = Field(default=60, ge=1, le=600)
     management_url: str = "http://127.0.0.1:15672"
     delivery_limit: int = Field(default=3, ge=0)
+    subscription_max_length: int = Field(default=100_000, ge=1)
 
 
 class IntakeSettings(_Section):

@@ -20,8 +20,16 @@ from typing import Any
 import pika
 import pytest
 
-from schemas.topology import ANALYZE, COMMAND_POLICY, MIRROR_BUILD
-from services.common.bus import connect, declare_topology
+from schemas.messages import BuildSyncedV1, parse
+from schemas.topology import (
+    ANALYZE,
+    ANALYZER_BUILD_SYNCED,
+    BUILD_SYNCED,
+    COMMAND_POLICY,
+    MIRROR_BUILD,
+    SUBSCRIPTION_POLICY,
+)
+from services.common.bus import Publisher, connect, declare_topology, policy_problem
 from services.common.settings import load_settings
 from services.mirror.worker import declare_wait_queues, wait_queue
 
@@ -106,8 +114,16 @@ def test_rabbitmq_imports_the_committed_file_into_a_fresh_vhost(
         assert queues[name] == {"type": "quorum", "policy": ""}
     for seconds in load_settings({}).mirror.retry_delays:
         assert queues[wait_queue(seconds)] == {"type": "classic", "policy": ""}
+    assert queues[ANALYZER_BUILD_SYNCED.queue_for()] == {
+        "type": "quorum",
+        "policy": SUBSCRIPTION_POLICY,
+    }
     policies = {p["name"]: p for p in _management(f"/api/policies/{vhost}")}
     assert policies[COMMAND_POLICY]["definition"]["delivery-limit"] == 3
+    assert policies[SUBSCRIPTION_POLICY]["definition"] == {
+        "max-length": 100_000,
+        "overflow": "drop-head",
+    }
     bindings = _management(f"/api/queues/{vhost}/{MIRROR_BUILD.queue_for()}/bindings")
     assert any(b["routing_key"] == MIRROR_BUILD.topic for b in bindings)
 
@@ -119,3 +135,50 @@ def test_rabbitmq_imports_the_committed_file_into_a_fresh_vhost(
         declare_wait_queues(channel, load_settings({}).mirror.retry_delays)
     finally:
         connection.close()
+
+
+def test_an_unread_subscription_keeps_only_its_newest_events(
+    tmp_path: Path, make_broker_url: Callable[[], str]
+) -> None:
+    broker_url = make_broker_url()
+    settings = load_settings({})
+    (tmp_path / "retrace.toml").write_text(
+        f'[broker]\nurl = "{broker_url}"\nsubscription_max_length = 3\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRACE_")}
+    env["RETRACE_CONFIG"] = str(tmp_path / "retrace.toml")
+    for command in ("topology", "policies"):
+        done = subprocess.run(
+            [str(ADMIN), command], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    assert f"{SUBSCRIPTION_POLICY} applied to queues matching" in done.stdout
+    assert policy_problem(settings.broker.management_url, broker_url) is None
+
+    publisher = Publisher(broker_url)
+    try:
+        for build_id in range(1, 8):
+            event = BuildSyncedV1(
+                build_id=build_id, nvr=f"crasher-1.0-{build_id}.fc40", os_release="fedora-40"
+            )
+            publisher.publish(BUILD_SYNCED, event)
+    finally:
+        publisher.close()
+    connection = connect(broker_url)
+    try:
+        channel = connection.channel()
+        kept = []
+        while True:
+            method, _, body = channel.basic_get(ANALYZER_BUILD_SYNCED.queue_for(), auto_ack=True)
+            if method is None or body is None:
+                break
+            kept.append(parse(BuildSyncedV1, body).build_id)
+    finally:
+        connection.close()
+    assert kept == [5, 6, 7]
+
+    vhost = urllib.parse.quote(pika.URLParameters(broker_url).virtual_host, safe="")
+    _management(f"/api/policies/{vhost}/{SUBSCRIPTION_POLICY}", "DELETE")
+    problem = policy_problem(settings.broker.management_url, broker_url)
+    assert problem is not None
+    assert f"no '{SUBSCRIPTION_POLICY}' policy" in problem
