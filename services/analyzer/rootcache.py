@@ -5,7 +5,7 @@ into ``<cache>/packages/<sha256>/``, keyed by its content: the data of its files
 flat, and a manifest of its paths (folders, files, links).  A task's root is a
 tree laid out from those manifests whose files are hard links to that data:
 nothing is decompressed twice, and no folder or link is made twice either (on
-the disks we measured, making one costs ten to fifty hard links).  Roots are
+the disk we measured, making one costs four to fifty hard links).  Roots are
 kept too, under ``<cache>/roots/<key>/``, keyed by the ordered digests of their
 packages: gdb only ever reads a root (the sandbox mounts it read-only), so a
 package set seen before is served by the same tree.
