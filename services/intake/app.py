@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
-import string
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -48,17 +46,12 @@ class Publishing:
             self._publish(route, message, arch)
 
 
-TASK_ID_ALPHABET = string.ascii_letters + string.digits
 TASK_ID_LENGTH = 24
 
 
 def new_task_id() -> str:
-    """An unguessable task id: 24 letters and digits, about 143 random bits.
-
-    Letters and digits only: an id starting with ``-`` (one in 64 of
-    ``token_urlsafe``'s) reads as an option to every command line that takes one.
-    """
-    return "".join(secrets.choice(TASK_ID_ALPHABET) for _ in range(TASK_ID_LENGTH))
+    """An unguessable task id: 24 letters and digits, about 143 random bits."""
+    return passwords.random_token(TASK_ID_LENGTH)
 
 
 class _Unprobed:

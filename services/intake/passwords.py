@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import string
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,9 +33,21 @@ PASSWORD_LENGTH = 32
 KEY_FILE = ".password-key"
 
 
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+
+
+def random_token(length: int) -> str:
+    """``length`` random letters and digits (5.95 bits each).
+
+    Never ``-`` or ``_``: a token starting with ``-`` (one in 64 of
+    ``token_urlsafe``'s) reads as an option on every command line that takes it.
+    """
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(length))
+
+
 def new_password() -> str:
-    """A fresh 32-character URL-safe password."""
-    return secrets.token_urlsafe(24)  # 24 random bytes → 32 characters
+    """A fresh 32-character password (about 190 random bits), as the original's were."""
+    return random_token(PASSWORD_LENGTH)
 
 
 def digest(password: str) -> str:

@@ -6,6 +6,7 @@ setting; wrong ones rate-limited per task and client address in the store."""
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +14,7 @@ import falcon.testing
 import sqlalchemy as sa
 
 from services.common.store import tasks
+from services.intake import passwords
 from tests.unit.test_intake import (
     Intake,
     MakeIntake,
@@ -140,3 +142,9 @@ def test_two_workers_of_one_intake_derive_the_same_next_password(
     following = status(one, task_id, first).headers["X-Task-Password"]
     assert status(two, task_id, first).headers["X-Task-Password"] == following
     assert status(two, task_id, following).status_code == 200
+
+
+def test_passwords_are_letters_and_digits_so_no_command_line_takes_one_for_an_option() -> None:
+    made = {passwords.new_password() for _ in range(5000)}
+    assert len(made) == 5000
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", password) for password in made)
