@@ -20,7 +20,6 @@ one.  With ``password_mode = "static"`` a task keeps its first password.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import os
@@ -63,9 +62,18 @@ def matches(password: str | None, stored_digest: str | None) -> bool:
 
 
 def following(key: bytes, task_id: str, password: str) -> str:
-    """The password that replaces ``password`` of ``task_id``: always the same one."""
+    """The password that replaces ``password`` of ``task_id``: always the same one.
+
+    Letters and digits, like a new one: the MAC written in base 62, its lowest 32
+    digits (about 190 bits).
+    """
     mac = hmac.new(key, f"{task_id}\0{password}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(mac[:24]).decode()
+    number = int.from_bytes(mac, "big")
+    digits = []
+    for _ in range(PASSWORD_LENGTH):
+        number, digit = divmod(number, len(TOKEN_ALPHABET))
+        digits.append(TOKEN_ALPHABET[digit])
+    return "".join(digits)
 
 
 def within(moment: datetime | None, seconds: float) -> bool:

@@ -148,3 +148,10 @@ def test_passwords_are_letters_and_digits_so_no_command_line_takes_one_for_an_op
     made = {passwords.new_password() for _ in range(5000)}
     assert len(made) == 5000
     assert all(re.fullmatch(r"[A-Za-z0-9]{32}", password) for password in made)
+    # The passwords that replace them on use, too: the same for the same input.
+    key = b"k" * 32
+    following = {passwords.following(key, "task", password) for password in made}
+    assert len(following) == 5000
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", password) for password in following)
+    some = next(iter(made))
+    assert passwords.following(key, "task", some) == passwords.following(key, "task", some)
