@@ -15,7 +15,7 @@ import shutil
 from typing import Any
 
 from schemas.messages import Outcome, TaskFinishedV1
-from schemas.topology import TASK_FINISHED
+from services.analyzer.results import announce_finished
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
 from services.common.bus import Publish
@@ -81,10 +81,8 @@ class DeadLetterHandler:
             shutil.rmtree(staged, ignore_errors=True)
             return
         self._spool.commit_results(task_id, staged)
-        if task.task_type != "debug":
-            (self._spool.crash_dir(task_id) / "coredump").unlink(missing_ok=True)
         event = TaskFinishedV1(
             task_id=task_id, arch=task.arch, outcome=Outcome.FAILURE, reason=reason
         )
-        self._publish(TASK_FINISHED, event, None)
+        announce_finished(self._publish, event, self._spool, task.task_type)
         log.info("dead-lettered task %s failed: %s", task_id, reason)

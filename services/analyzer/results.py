@@ -13,8 +13,12 @@ import json
 import signal
 from typing import Any
 
+from schemas.messages import TaskFinishedV1, TaskType
+from schemas.topology import TASK_FINISHED
 from services.analyzer.coredump import Module
 from services.analyzer.retrace import Retrace
+from services.common.bus import Publish
+from services.common.spool import Spool
 
 FORMAT = 1
 
@@ -96,3 +100,19 @@ def backtrace_json(task_id: str, outcome: Retrace) -> str:
         "packages": [str(package.nevra) for package in outcome.resolution.packages],
     }
     return json.dumps(document, indent=1) + "\n"
+
+
+def announce_finished(
+    publish: Publish, event: TaskFinishedV1, spool: Spool, task_type: str
+) -> None:
+    """Publish ``event`` of a task now final, then delete its core unless a debug task
+    keeps it.
+
+    The event goes first, so that whoever waits learns at once: unlinking a 100 MB
+    core takes some disks tens of milliseconds.
+    """
+    try:
+        publish(TASK_FINISHED, event, None)
+    finally:
+        if task_type != TaskType.DEBUG:
+            (spool.crash_dir(event.task_id) / "coredump").unlink(missing_ok=True)

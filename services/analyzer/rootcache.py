@@ -18,7 +18,9 @@ same locks: open-file-description locks on bytes of one file, ``.locks``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -167,10 +169,14 @@ class RootCache:
         abandoned = time.time() - ABANDONED_AFTER
         for folder in (self._packages, self._roots):
             for left in folder.iterdir():
-                if left.name.startswith(".evicted-") or (
-                    left.name.startswith((".unpack-", ".root-"))
-                    and left.stat().st_mtime < abandoned
-                ):
+                try:
+                    doomed = left.name.startswith(".evicted-") or (
+                        left.name.startswith((".unpack-", ".root-"))
+                        and left.stat().st_mtime < abandoned
+                    )
+                except FileNotFoundError:
+                    continue  # another analyzer finished with it just now
+                if doomed:
                     shutil.rmtree(left, ignore_errors=True)
 
     @contextmanager
@@ -305,7 +311,8 @@ class RootCache:
             with self._locks.held([f"root {name}"]):
                 if not (kept / ROOT_INFO).exists():
                     self._build_root(packages, kept)
-        os.utime(kept / ROOT_INFO)
+        with contextlib.suppress(PermissionError):  # another user's shell: reading is enough
+            os.utime(kept / ROOT_INFO)
         root.parent.mkdir(parents=True, exist_ok=True)
         root.symlink_to(kept / "tree")
         return list(json.loads((kept / ROOT_INFO).read_text())["warnings"])
@@ -330,6 +337,20 @@ class RootCache:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+ENTRY_ERRORS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EINVAL})
+"""What makes one path of a package impossible to place (it is skipped with a warning);
+any other error is the disk's, and the root is not built."""
+
+
+def _link_or_copy(data: str, path: str) -> None:
+    try:
+        os.link(data, path)
+    except OSError as error:
+        if error.errno != errno.EMLINK:
+            raise
+        shutil.copy2(data, path)  # the data's inode has as many names as the disk allows
 
 
 def _retire(path: Path) -> Path:
@@ -371,12 +392,14 @@ class _Layout:
             path = f"{self._root}/{entry.path}"
             try:
                 if entry.kind == FILE:
-                    os.link(f"{data}/{entry.value}", path)
+                    _link_or_copy(f"{data}/{entry.value}", path)
                 elif entry.kind == LINK:
                     os.symlink(self._target(entry.value, real_parent), path)  # noqa: PTH211
             except FileExistsError:
                 pass  # an earlier package shipped it
             except OSError as error:
+                if error.errno not in ENTRY_ERRORS:
+                    raise  # the disk's problem (full, failing): no root is kept from it
                 self._warn(origin, entry.path, f"cannot be made here ({error.strerror})")
 
     def _target(self, target: str, real_parent: str) -> str:
@@ -392,14 +415,28 @@ class _Layout:
         return posixpath.relpath(self._real_root + wanted, real_parent)
 
     def _folder(self, path: str, origin: str) -> str | None:
-        """Make the folder ``path`` if needed; where it really is, or None if unusable."""
-        real = self._folders.get(path)
-        if real is not None or path in self._outside:
-            return real
-        parent, _, name = path.rpartition("/")
-        real_parent = self._folder(parent, origin)
-        if real_parent is None:
-            return None
+        """Make the folder ``path`` and those above it if needed.
+
+        Returns where it really is, or None if it cannot be used.
+        """
+        known = self._folders.get(path)
+        if known is not None or path in self._outside:
+            return known
+        parts = path.split("/")
+        depth = len(parts) - 1  # the deepest folder above ``path`` already made
+        while "/".join(parts[:depth]) not in self._folders:
+            if "/".join(parts[:depth]) in self._outside:
+                return None
+            depth -= 1
+        real = self._folders["/".join(parts[:depth])]
+        for end in range(depth + 1, len(parts) + 1):
+            made = self._make_folder("/".join(parts[:end]), parts[end - 1], real, origin)
+            if made is None:
+                return None
+            real = made
+        return real
+
+    def _make_folder(self, path: str, name: str, real_parent: str, origin: str) -> str | None:
         made = f"{self._root}/{path}"
         try:
             os.mkdir(made, 0o755)  # noqa: PTH102 -- strings on the hot path
@@ -418,6 +455,8 @@ class _Layout:
                 return None
             real = resolved
         except OSError as error:
+            if error.errno not in ENTRY_ERRORS:
+                raise
             self._warn(origin, path, f"cannot be made here ({error.strerror})")
             return None
         self._folders[path] = real

@@ -375,9 +375,9 @@ class _Extractor:
             self._archive.skip(size)
             return
         target = self._archive.read(size)
-        self._result.size += size
         if target and b"\0" not in target:
             self._result.entries.append(Entry(LINK, path, os.fsdecode(target)))
+            self._result.size += size
         else:
             self._warn(path, "is a link with an empty or NUL-bearing target; skipped")
 

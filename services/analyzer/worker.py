@@ -10,10 +10,9 @@ import tempfile
 from pathlib import Path
 
 from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, TaskType
-from schemas.topology import TASK_FINISHED
 from services.analyzer.debugshell import MANIFEST
 from services.analyzer.fetch import Fetches
-from services.analyzer.results import backtrace_json
+from services.analyzer.results import announce_finished, backtrace_json
 from services.analyzer.retrace import Job, Retrace, RetraceFailure, WaitForBuild, retrace
 from services.analyzer.rootcache import RootCache
 from services.analyzer.tasklog import TaskLog
@@ -131,10 +130,5 @@ class AnalyzeHandler:
             log.info("task %s was finished or deleted meanwhile; results dropped", task_id)
             return
         self._spool.commit_results(task_id, staged)
-        try:
-            self._publish(TASK_FINISHED, event, None)  # whoever waits learns it at once
-        finally:
-            # Then the cleanup: unlinking a 100 MB core takes this disk 20-40 ms.
-            if command.task_type != TaskType.DEBUG:
-                (self._spool.crash_dir(task_id) / "coredump").unlink(missing_ok=True)
+        announce_finished(self._publish, event, self._spool, command.task_type)
         log.info("task %s finished: %s", task_id, status)

@@ -131,20 +131,25 @@ class PolicyError(Exception):
     """The management API could not be reached or refused the policy."""
 
 
-def command_queue_pattern() -> str:
-    """A regular expression matching every command queue of ours, and nothing else."""
+def _queue_pattern(routes: list[Route]) -> str:
+    """A regular expression matching the queues of ``routes`` (any arch), and nothing else."""
     any_arch = re.escape("{arch}")
     names = [
         re.escape(route.queue).replace(any_arch, r"[^.]+")
-        for route in ROUTES
-        if route.command and route.queue is not None
+        for route in routes
+        if route.queue is not None
     ]
     return "^(" + "|".join(names) + ")$"
 
 
+def command_queue_pattern() -> str:
+    """A regular expression matching every command queue of ours, and nothing else."""
+    return _queue_pattern([route for route in ROUTES if route.command])
+
+
 def subscription_queue_pattern() -> str:
     """A regular expression matching every event subscription queue of ours."""
-    return "^(" + "|".join(re.escape(s.queue_for()) for s in SUBSCRIPTIONS) + ")$"
+    return _queue_pattern(list(SUBSCRIPTIONS))
 
 
 def subscription_policy(max_length: int) -> dict[str, Any]:

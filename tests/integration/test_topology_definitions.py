@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -154,6 +155,12 @@ def test_an_unread_subscription_keeps_only_its_newest_events(
         assert done.returncode == 0, done.stderr
     assert f"{SUBSCRIPTION_POLICY} applied to queues matching" in done.stdout
     assert policy_problem(settings.broker.management_url, broker_url) is None
+    # The broker applies a policy to its queues a moment after it is set.
+    vhost_name = pika.URLParameters(broker_url).virtual_host
+    deadline = time.monotonic() + 30
+    while _queues(vhost_name)[ANALYZER_BUILD_SYNCED.queue_for()]["policy"] != SUBSCRIPTION_POLICY:
+        assert time.monotonic() < deadline, "the subscription policy never reached its queue"
+        time.sleep(0.2)
 
     publisher = Publisher(broker_url)
     try:

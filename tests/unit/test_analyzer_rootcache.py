@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from services.analyzer.coredump import Module
 from services.analyzer.resolve import Resolution, Served
 from services.analyzer.rootcache import UnpackedPackage, _Layout
@@ -161,3 +163,21 @@ def test_debugsource_packages_stay_out_of_roots() -> None:
         extra=[pkg(3, "crasher-debugsource")],
     )
     assert [p.nevra.name for p in resolution.packages] == ["crasher", "crasher-debuginfo"]
+
+
+def test_a_path_too_deep_for_the_disk_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    deep = "/".join(["d"] * 2100)  # 4199 bytes: past PATH_MAX, and past Python's recursion
+    package = cached(tmp_path / "deep", [Entry(FILE, f"{deep}/f", "0")], {"0": "x"})
+    layout = _Layout(tmp_path / "root")
+    layout.place(package, "deep-1-1.x86_64")
+    [warning] = layout.warnings
+    assert warning.startswith("deep-1-1.x86_64: /d/d/d/")
+    assert warning.endswith("cannot be made here (File name too long); skipped")
+
+
+def test_a_root_is_not_built_past_a_problem_of_the_disk(tmp_path: Path) -> None:
+    # The cached data of a file is gone: that is no package's doing.
+    package = cached(tmp_path / "p", [Entry(FILE, "usr/bin/tool", "0")], {})
+    layout = _Layout(tmp_path / "root")
+    with pytest.raises(FileNotFoundError):
+        layout.place(package, "p-1-1.x86_64")
