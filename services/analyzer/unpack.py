@@ -64,6 +64,9 @@ STRIPPED_MAGIC = b"07070X"
 TRAILER = "TRAILER!!!"
 MAX_NAME = 4096
 NAME_MAX = 255
+MAX_DEPTH = 128
+"""Folders a path may lie in: Fedora's deepest are a few dozen; far deeper trees defeat
+recursive tools (``shutil.rmtree`` among them) that later remove roots."""
 _HEX_FIELDS = re.compile(rb"[0-9A-Fa-f]{104}")
 CHUNK = 1 << 20
 # Readable by the sandbox's user, never set-id, never writable by others.
@@ -429,6 +432,8 @@ class _Extractor:
                 self._warn(name.lstrip("./"), "climbs out with ..; skipped")
             elif any(len(os.fsencode(part)) > NAME_MAX for part in parts):
                 self._warn(name.lstrip("./"), f"has a name part over {NAME_MAX} bytes; skipped")
+            elif len(parts) > MAX_DEPTH:
+                self._warn(name.lstrip("./"), f"lies deeper than {MAX_DEPTH} folders; skipped")
             elif parts:  # not the archive's own top folder
                 return "/".join(parts), mode, inode, links, mtime, size
             archive.skip(size)

@@ -111,6 +111,7 @@ def test_what_cannot_be_placed_is_skipped_with_a_warning(tmp_path: Path, dest: P
             newc("./usr/lib/empty-link", SYMLINK, b""),
             newc("./usr/lib/nul-link", SYMLINK, b"lib\0c.so"),
             newc("./usr/share/" + "n" * 300, REG, b"x"),
+            newc("./" + "d/" * 200 + "deep", REG, b"x"),
             newc("./usr/lib/fine", SYMLINK, b"libc.so.6"),
         ],
     )
@@ -123,6 +124,7 @@ def test_what_cannot_be_placed_is_skipped_with_a_warning(tmp_path: Path, dest: P
         f"{package.name}: /usr/lib/empty-link {odd_link}",
         f"{package.name}: /usr/lib/nul-link {odd_link}",
         f"{package.name}: /usr/share/{'n' * 300} has a name part over 255 bytes; skipped",
+        f"{package.name}: /{'d/' * 200}deep lies deeper than 128 folders; skipped",
     ]
     json.dumps(unpacked.warnings).encode("utf-8")  # a task's log can hold them
     assert list(dest.iterdir()) == []
