@@ -68,12 +68,6 @@ class UnpackedPackage:
             entries = tuple(Entry(*entry) for entry in json.loads(manifest.readline()))
         return cls(folder, header["size"], tuple(header["warnings"]), entries)
 
-    def files(self) -> Iterator[tuple[str, Path]]:
-        """Each regular file's installed path (``/usr/...``) and its data in the cache."""
-        for entry in self.entries:
-            if entry.kind == FILE:
-                yield f"/{entry.path}", self.folder / entry.value
-
     @cached_property
     def _by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self.entries}

@@ -7,8 +7,9 @@ folder or link costs far more than a hard link, making every folder and link
 once in the cache and again in the root doubles the work.  Here the file is read
 directly:
 
-- the lead (96 bytes) and the signature header are skipped; the main header is
-  read only for ``PAYLOADFORMAT`` and ``PAYLOADCOMPRESSOR``;
+- the lead (96 bytes) and the signature header are skipped; of the main header
+  only the payload's format and compressor, the package's size and its number of
+  paths are read (the size bounds what the payload may unpack to);
 - the rest of the file is the payload: a cpio archive in the "new ASCII" (newc)
   format, compressed with one of the compressors rpm writes (zstd, as Fedora
   builds do; xz, lzma, gzip, bzip2; or none);
@@ -16,9 +17,11 @@ directly:
   folders and links come back as a list of :class:`Entry`.
 
 The RPMs come from the mirror, which checked them against Koji, but they are
-still treated as input: names are made relative and ``..`` is refused (nothing
-is written under a name from the archive), set-id bits are dropped, device
-nodes and FIFOs are skipped.  What was skipped comes back as a warning.
+still treated as input: the file's sha256 must be the one the mirror recorded,
+cpio headers must be plain hex, names are made relative and ``..`` is refused
+(nothing is written under a name from the archive), set-id bits are dropped;
+devices, FIFOs, odd links, over-long names and over-deep paths are skipped,
+each with a warning.
 Payloads this reader does not know (rpm's format for files over 4 GiB) fail
 with a :class:`PayloadError` that names the RPM and the reason.
 """

@@ -148,9 +148,7 @@ def test_a_package_finds_its_files_through_its_own_links(tmp_path: Path) -> None
     assert package.find("/usr/lib/debug/.build-id/ab/cdef") is None  # in another package
     assert package.find("/loop") is None
     assert package.find("/usr/lib/debug/.build-id/ab") is None
-    assert list(package.files()) == [
-        ("/usr/lib/debug/usr/bin/tool-1-1.x86_64.debug", tmp_path / "debug/0")
-    ]
+    assert package.find("/usr/lib/debug/usr/bin/tool-1-1.x86_64.debug") == tmp_path / "debug/0"
 
 
 def test_debugsource_packages_stay_out_of_roots() -> None:
