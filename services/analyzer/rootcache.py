@@ -18,7 +18,6 @@ same locks: open-file-description locks on bytes of one file, ``.locks``.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -63,10 +62,25 @@ class UnpackedPackage:
 
     @classmethod
     def load(cls, folder: Path) -> UnpackedPackage:
+        """The entry in ``folder``, as :meth:`save` wrote it."""
         with (folder / MANIFEST).open() as manifest:
             header = json.loads(manifest.readline())
             entries = tuple(Entry(*entry) for entry in json.loads(manifest.readline()))
         return cls(folder, header["size"], tuple(header["warnings"]), entries)
+
+    @staticmethod
+    def size_of(folder: Path) -> int:
+        """The size :meth:`save` recorded in ``folder``, reading only the manifest's first line."""
+        with (folder / MANIFEST).open() as manifest:
+            return int(json.loads(manifest.readline())["size"])
+
+    def save(self, folder: Path) -> None:
+        """Write the manifest into ``folder``: a line of JSON with the size and warnings
+        (all eviction reads), then a line with the entries."""
+        header = {"size": self.size, "warnings": list(self.warnings)}
+        entries = [[e.kind, e.path, e.value] for e in self.entries]
+        with (folder / MANIFEST).open("w") as manifest:
+            manifest.write(f"{json.dumps(header)}\n{json.dumps(entries)}\n")
 
     @cached_property
     def _by_path(self) -> dict[str, Entry]:
@@ -190,8 +204,7 @@ class RootCache:
                 continue
             try:
                 used = (entry / MANIFEST).stat().st_mtime
-                with (entry / MANIFEST).open() as manifest:
-                    size = int(json.loads(manifest.readline())["size"])
+                size = UnpackedPackage.size_of(entry)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             entries.append((used, size, entry))
@@ -244,30 +257,23 @@ class RootCache:
             staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self._packages))
             try:
                 unpacked = unpack_rpm(self._repo / package.path, staging, package.sha256)
-                header = {"size": unpacked.size, "warnings": unpacked.warnings}
-                entries = [[e.kind, e.path, e.value] for e in unpacked.entries]
-                with (staging / MANIFEST).open("w") as manifest:
-                    manifest.write(f"{json.dumps(header)}\n{json.dumps(entries)}\n")
+                result = UnpackedPackage(
+                    final, unpacked.size, tuple(unpacked.warnings), tuple(unpacked.entries)
+                )
+                result.save(staging)
                 if final.exists():  # a damaged entry
                     shutil.rmtree(final)
                 staging.replace(final)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        result = UnpackedPackage(
-            final, unpacked.size, tuple(unpacked.warnings), tuple(unpacked.entries)
-        )
         return result, True
 
     @staticmethod
     def _load(entry: Path) -> UnpackedPackage | None:
         """The complete entry at ``entry``, marked used now; None if there is none."""
-        try:
-            os.utime(entry / MANIFEST)  # its last use, for eviction
-        except FileNotFoundError:
+        if not _mark_used(entry / MANIFEST):
             return None  # not unpacked yet, or evicted meanwhile
-        except OSError:
-            pass  # not ours to touch (another user's shell): reading it is enough
         try:
             return UnpackedPackage.load(entry)
         except FileNotFoundError:
@@ -305,8 +311,7 @@ class RootCache:
             with self._locks.held([f"root {name}"]):
                 if not (kept / ROOT_INFO).exists():
                     self._build_root(packages, kept)
-        with contextlib.suppress(PermissionError):  # another user's shell: reading is enough
-            os.utime(kept / ROOT_INFO)
+        _mark_used(kept / ROOT_INFO)
         root.parent.mkdir(parents=True, exist_ok=True)
         root.symlink_to(kept / "tree")
         return list(json.loads((kept / ROOT_INFO).read_text())["warnings"])
@@ -345,6 +350,21 @@ def _link_or_copy(data: str, path: str) -> None:
         if error.errno != errno.EMLINK:
             raise
         shutil.copy2(data, path)  # the data's inode has as many names as the disk allows
+
+
+def _mark_used(path: Path) -> bool:
+    """Set ``path``'s time to now, for eviction; say whether it exists.
+
+    Another user's file (someone's ``retrace-analyzer shell``) keeps its time: it is
+    read all the same.
+    """
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _retire(path: Path) -> Path:

@@ -74,7 +74,6 @@ _HEX_FIELDS = re.compile(rb"[0-9A-Fa-f]{104}")
 CHUNK = 1 << 20
 # Readable by the sandbox's user, never set-id, never writable by others.
 FILE_MODE_MASK = 0o755
-DIR_MODE = 0o755
 # What the decompressors raise on a damaged stream (gzip's BadGzipFile is an OSError).
 _DECOMPRESSION_ERRORS = (
     EOFError,
@@ -291,10 +290,7 @@ class _Archive:
 
     def read(self, size: int) -> bytes:
         if not 0 <= size <= self._limit - self._position:
-            raise PayloadError(
-                f"{self.name}: the payload holds more than its header declares "
-                f"({self._limit} bytes at most)"
-            )
+            raise self._too_large()
         first = self._decompress(size)
         if len(first) == size:
             self._position += size
@@ -331,10 +327,13 @@ class _Archive:
         while chunk := self._decompress(CHUNK):
             self._position += len(chunk)
             if self._position > self._limit:
-                raise PayloadError(
-                    f"{self.name}: the payload holds more than its header declares "
-                    f"({self._limit} bytes at most)"
-                )
+                raise self._too_large()
+
+    def _too_large(self) -> PayloadError:
+        return PayloadError(
+            f"{self.name}: the payload holds more than its header declares "
+            f"({self._limit} bytes at most)"
+        )
 
     def skip(self, size: int) -> None:
         while size:

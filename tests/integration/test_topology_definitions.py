@@ -41,20 +41,21 @@ ADMIN = Path(sys.executable).parent / "retrace-admin"
 COLUMNS = ("name", "type", "policy")
 
 
-def _export(tmp_path: Path, settings: str = "") -> Path:
+def _admin(tmp_path: Path, settings: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``retrace-admin ARGS`` with ``settings`` as its only configuration."""
     (tmp_path / "retrace.toml").write_text(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETRACE_")}
     env["RETRACE_CONFIG"] = str(tmp_path / "retrace.toml")
-    out = tmp_path / "definitions.json"
     done = subprocess.run(
-        [str(ADMIN), "topology", "--export", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [str(ADMIN), *args], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def _export(tmp_path: Path, settings: str = "") -> Path:
+    out = tmp_path / "definitions.json"
+    done = _admin(tmp_path, settings, "topology", "--export", str(out))
     assert f"written to {out}" in done.stdout
     return out
 
@@ -143,16 +144,9 @@ def test_an_unread_subscription_keeps_only_its_newest_events(
 ) -> None:
     broker_url = make_broker_url()
     settings = load_settings({})
-    (tmp_path / "retrace.toml").write_text(
-        f'[broker]\nurl = "{broker_url}"\nsubscription_max_length = 3\n'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRACE_")}
-    env["RETRACE_CONFIG"] = str(tmp_path / "retrace.toml")
-    for command in ("topology", "policies"):
-        done = subprocess.run(
-            [str(ADMIN), command], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-        assert done.returncode == 0, done.stderr
+    config = f'[broker]\nurl = "{broker_url}"\nsubscription_max_length = 3\n'
+    _admin(tmp_path, config, "topology")
+    done = _admin(tmp_path, config, "policies")
     assert f"{SUBSCRIPTION_POLICY} applied to queues matching" in done.stdout
     assert policy_problem(settings.broker.management_url, broker_url) is None
     # The broker applies a policy to its queues a moment after it is set.
