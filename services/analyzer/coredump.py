@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.analyzer.sandbox import Sandbox, SandboxUnavailable
+from services.common.elf import NotElf, open_elf
 from services.common.runner import CommandError, run
 
 EU_UNSTRIP_TIMEOUT = 120
@@ -38,40 +38,16 @@ class Module:
         return self.name.startswith(("linux-vdso", "linux-gate", "[vdso"))
 
 
-def described_size(core: Path) -> int:
-    """How many bytes the core's program headers say it holds (notes and memory).
-
-    A core shorter than this was cut off on its way here; gdb would read zeros or
-    garbage for the missing memory and print a plausible but wrong backtrace.
-    """
-    with core.open("rb") as f:
-        ident = f.read(64)
-        if len(ident) < 52 or ident[:4] != b"\x7fELF":
-            raise CoreError("the core dump is not an ELF file")
-        order = {1: "<", 2: ">"}.get(ident[5], "<")
-        wide = ident[4] == 2
-        if wide:
-            (phoff,) = struct.unpack_from(order + "Q", ident, 32)
-            phentsize, phnum = struct.unpack_from(order + "HH", ident, 54)
-            fields, layout = order + "IIQQQQ", (2, 5)  # p_offset, p_filesz
-        else:
-            (phoff,) = struct.unpack_from(order + "I", ident, 28)
-            phentsize, phnum = struct.unpack_from(order + "HH", ident, 42)
-            fields, layout = order + "IIIII", (1, 4)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    if len(table) < phentsize * phnum:
-        raise CoreError("the core dump is truncated: its program headers are cut off")
-    end: int = phoff + phentsize * phnum
-    for index in range(phnum):
-        header = struct.unpack_from(fields, table, index * phentsize)
-        end = max(end, int(header[layout[0]]) + int(header[layout[1]]))
-    return end
-
-
 def check_complete(core: Path) -> None:
     """Raise :class:`CoreError` when the core is shorter than its headers describe."""
-    expected, actual = described_size(core), core.stat().st_size
+    # A core shorter than its program headers say was cut off on its way here; gdb
+    # would read zeros or garbage for the missing memory and print a plausible but
+    # wrong backtrace.
+    try:
+        expected = open_elf(core).described_size()
+    except NotElf as exc:
+        raise CoreError("the core dump is not an ELF file") from exc
+    actual = core.stat().st_size
     if actual < expected:
         raise CoreError(
             f"the core dump is truncated: it has {actual} bytes of the {expected} "

@@ -12,10 +12,8 @@ from pydantic import ValidationError
 from schemas.messages import MirrorBuildV1
 from services.analyzer.coredump import CoreError, Module, check_complete, read_modules
 from services.analyzer.debugshell import write_manifest
-from services.analyzer.dwz import find_dwz_package, read_altlink
 from services.analyzer.gdb import MAX_FRAMES, GdbError, GdbResult, gdb_version, run_gdb
-from services.analyzer.hints import match_hints, read_hints
-from services.analyzer.resolve import Resolution, Served, resolve
+from services.analyzer.packages import Finder, Resolution
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
@@ -70,13 +68,14 @@ def retrace(job: Job) -> Retrace:
     executable = (job.crash_dir / "executable").read_text(encoding="utf-8").strip()
     job.set_progress(progress.ANALYZE)
     arch, modules = read_core(job, core, executable)
-    resolution = find_packages(job, modules, arch)
-    check_crashed_build(job, resolution, arch)
+    finder = Finder(job.store, job.cache, arch, job.crash_dir)
+    resolution = find_packages(job, finder, modules)
+    check_crashed_build(job, finder, resolution)
     job.set_progress(progress.INIT)
     root = job.work_dir / "root"
     with ExitStack() as leases:
         leases.enter_context(job.cache.lease(resolution.packages))
-        shared = find_shared_dwarf(job, resolution)
+        shared = find_shared_dwarf(job, finder, resolution)
         if shared:
             leases.enter_context(job.cache.lease(shared))
         if job.manifest is not None:
@@ -125,20 +124,28 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
-    """Step 2: the packages that serve the core's modules, with what is missing logged."""
-    with job.log.step("Finding packages by build-id"):
-        resolution = resolve(job.store, modules, arch)
-        use_hints(job, resolution, arch)
+def find_packages(job: Job, finder: Finder, modules: list[Module]) -> Resolution:
+    """Step 2: the packages that serve the core's modules (services/analyzer/packages.py),
+    each module's line saying which step found its binary and its debuginfo."""
+    with job.log.step("Finding packages"):
+        try:
+            resolution = finder.find(modules)
+        except PayloadError as exc:
+            raise RetraceFailure(f"A package could not be read: {exc}.") from exc
+        if finder.declared_release:
+            job.log.add(f"The crash declares the release {finder.declared_release}")
         for served in resolution.served:
             module = served.module
             if module.is_vdso:
                 job.log.add(f"  {module.name}: the kernel's vDSO, no package needed")
                 continue
-            binary = served.binary.nevra if served.binary else "NOT FOUND"
-            debug = served.debug.nevra if served.debug else "NOT FOUND"
+            binary = str(served.binary.nevra) if served.binary else "NOT FOUND"
+            debug = str(served.debug.nevra) if served.debug else "NOT FOUND"
+            how = [f"binary {served.binary_how}"] if served.binary else []
+            how += [f"debuginfo {served.debug_how}"] if served.debug else []
             build_id = module.build_id or "no build-id"
-            job.log.add(f"  {module.name} [{build_id}]: {binary}, debuginfo {debug}")
+            found = f"; found: {', '.join(how)}" if how else ""
+            job.log.add(f"  {module.name} [{build_id}]: {binary}, debuginfo {debug}{found}")
         for note in resolution.notes:
             job.log.warn(note)
         for module in resolution.missing_debug:
@@ -148,24 +155,24 @@ def find_packages(job: Job, modules: list[Module], arch: str) -> Resolution:
     return resolution
 
 
-def check_crashed_build(job: Job, resolution: Resolution, arch: str) -> None:
-    """Step 2c: when the crashed package's own build is not mirrored, wait for it.
+def check_crashed_build(job: Job, finder: Finder, resolution: Resolution) -> None:
+    """Step 2b: when the crashed package's own build is not mirrored, wait for it.
 
-    Raises :class:`WaitForBuild` (the analyzer asks the mirror for the build by NVR
-    and retries the task later) until the task has asked ``fetch_attempts`` times;
-    then the retrace goes on with what is available, and the log says what is missing.
+    The ``package`` file may name the package or its build (``foo-4.2-3.fc40`` for
+    ``foo-cli``): either counts.  Raises :class:`WaitForBuild` (the analyzer asks
+    the mirror for the build by NVR and retries the task later) until the task has
+    asked ``fetch_attempts`` times; then the retrace goes on with what is
+    available, and the log says what is missing.
     """
-    hints = read_hints(job.crash_dir)
-    if not hints:
+    crashed = finder.crashed_build
+    if crashed is None:
         return
-    crashed = hints[0]
-    nvr = f"{crashed.name}-{crashed.version}-{crashed.release}"
-    served = {(p.nevra.name, p.nevra.version, p.nevra.release) for p in resolution.packages}
-    if (crashed.name, crashed.version, crashed.release) in served:
+    nvr = str(crashed)
+    if resolution.has_build(crashed):
         if job.fetch_attempt:
             job.log.add(f"The crashed package's build {nvr} was fetched by the mirror on request")
         return
-    if job.store.has_build(crashed.name, crashed.version, crashed.release, arch):
+    if finder.build_is_mirrored(crashed):
         job.log.warn(
             f"the crashed package {nvr} is mirrored but serves none of the core's modules; "
             "the backtrace shows what the mirror has"
@@ -194,58 +201,20 @@ def _is_nvr(text: str) -> bool:
     return True
 
 
-def use_hints(job: Job, resolution: Resolution, arch: str) -> None:
-    """Step 2b: modules the index cannot place, looked for in the packages the crash names."""
-    unplaced = [s.module for s in resolution.served if s.binary is None and not s.module.is_vdso]
-    builds = read_hints(job.crash_dir) if unplaced else []
-    if not builds:
-        return
-    try:
-        matches = match_hints(job.store, job.cache, builds, unplaced, arch)
-    except PayloadError as exc:
-        job.log.warn(f"a hinted package could not be unpacked: {exc}")
-        return
-    found = {id(m.module): m for m in matches}
-    for index, served in enumerate(resolution.served):
-        match = found.get(id(served.module))
-        if match is None:
-            continue
-        resolution.served[index] = Served(served.module, match.binary, served.debug or match.debug)
-        job.log.add(f"  {served.module.name}: found in {match.binary.nevra} by {match.how}")
-
-
-def find_shared_dwarf(job: Job, resolution: Resolution) -> list[Package]:
+def find_shared_dwarf(job: Job, finder: Finder, resolution: Resolution) -> list[Package]:
     """Step 3a: the packages of the ``.dwz`` files the debug files point to."""
     with job.log.step("Finding shared DWARF (.gnu_debugaltlink)"):
-        added: list[Package] = []
-        have = {p.id for p in resolution.packages}
-        for served in resolution.served:
-            build_id = served.module.build_id
-            if served.debug is None or build_id is None:
-                continue
-            try:
-                files = job.cache.unpacked(served.debug)[0]
-            except PayloadError as exc:
-                raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
-            debug_file = files.find(f"/usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
-            if debug_file is None:
-                continue
-            link = read_altlink(debug_file)
-            if link is None:
-                continue
-            if resolution.os_release is None:
-                continue
-            package, how = find_dwz_package(job.store, link, resolution.os_release)
-            name = Path(link.path).name
+        before = {p.id for p in resolution.extra}
+        try:
+            report = finder.find_shared_dwarf(resolution)
+        except PayloadError as exc:
+            raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
+        for name, package, how in report:
             if package is None:
-                job.log.warn(f"shared DWARF .dwz/{name} of {served.module.name} not found: {how}")
-                continue
-            if package.id not in have:
-                have.add(package.id)
-                added.append(package)
-                resolution.extra.append(package)
-            job.log.add(f"  .dwz/{name} [{link.build_id}]: {package.nevra}, found {how}")
-    return added
+                job.log.warn(f"shared DWARF {name} not found: {how}")
+            else:
+                job.log.add(f"  {name}: {package.nevra}, found {how}")
+    return [p for p in resolution.extra if p.id not in before]
 
 
 def prepare_root(job: Job, packages: list[Package], root: Path) -> None:

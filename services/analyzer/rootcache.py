@@ -37,6 +37,7 @@ from functools import cached_property
 from pathlib import Path
 
 from services.analyzer.unpack import DIR, FILE, LINK, Entry, shown, unpack_rpm
+from services.common.rpmfile import RpmHeader, read_header
 from services.common.store import Package
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,10 @@ class RootCache:
         for key in removed:
             log.info("evicted %s from the root cache", key)
         return removed
+
+    def header(self, package: Package) -> RpmHeader:
+        """``package``'s header, read from the repository (its payload is not read)."""
+        return read_header(self._repo / package.path)
 
     def unpacked(self, package: Package) -> tuple[UnpackedPackage, bool]:
         """``package``'s files, unpacking it if needed.

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import resource
 import shutil
-import struct
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from services.common.elf import NotElf, open_elf
 from services.common.runner import CommandError, run
 
 # Fixed paths inside the sandbox; gdb's output is mapped back from these.
@@ -30,7 +30,7 @@ CORE = Path("/retrace/core")
 SCRIPT_DIR = Path("/retrace/lib")
 # Where a host tool that must not see the host's files by a core's paths finds /usr.
 HOST_USR = Path("/retrace/host/usr")
-PT_INTERP = 3
+
 # An unprivileged uid and gid inside the user namespace: "nobody".
 UID = GID = 65534
 # The sandbox's own private /tmp (a fresh tmpfs), not the host's.
@@ -177,16 +177,10 @@ class Sandbox:
 
 def _interpreter(program: Path) -> Path:
     """The dynamic loader an ELF program names (its ``PT_INTERP``)."""
-    data = program.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        raise SandboxUnavailable(f"{program} is not a 64-bit ELF program")
-    order = "<" if data[5] == 1 else ">"
-    (phoff,) = struct.unpack_from(order + "Q", data, 32)
-    phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
-    for index in range(phnum):
-        p_type, _flags, offset, _vaddr, _paddr, size = struct.unpack_from(
-            order + "IIQQQQ", data, phoff + index * phentsize
-        )
-        if p_type == PT_INTERP:
-            return Path(data[offset : offset + size].rstrip(b"\0").decode())
-    raise SandboxUnavailable(f"{program} names no dynamic loader")
+    try:
+        loader = open_elf(program).interpreter()
+    except NotElf as exc:
+        raise SandboxUnavailable(f"{program} is not an ELF program") from exc
+    if loader is None:
+        raise SandboxUnavailable(f"{program} names no dynamic loader")
+    return Path(loader)

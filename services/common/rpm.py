@@ -1,21 +1,17 @@
-"""Reading RPM headers with the ``rpm`` tool: the NEVRA, the files and their build-ids."""
+"""What an RPM's header says about build-ids and releases.
+
+The header's ``.build-id`` links are the index's second source: the first is the
+ELF files themselves (:mod:`services.mirror.index`).  A link is all the mirror
+knows of an RPM whose payload it has not read.
+"""
 
 from __future__ import annotations
 
-import posixpath
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
-from services.common.runner import run
-from services.common.store import BuildIdKind, Nevra
+from services.common.rpmfile import PayloadError, RpmHeader, resolve_link
+from services.common.store import BuildIdKind, IndexEntry, IndexSource
 
-RPM_TIMEOUT = 120
-
-_QUERY = (
-    "%{NAME}\\n%{EPOCHNUM}\\n%{VERSION}\\n%{RELEASE}\\n%{ARCH}\\n%{SOURCERPM}\\n"
-    "[%{FILENAMES}\\t%{FILELINKTOS}\\n]"
-)
 _BUILD_ID_ENTRY = re.compile(
     r"^/usr/lib(?P<debug>/debug)?/\.build-id/(?P<head>[0-9a-f]{2})/(?P<tail>[0-9a-f]{6,})"
     r"(?P<suffix>\.debug)?$"
@@ -23,66 +19,46 @@ _BUILD_ID_ENTRY = re.compile(
 _DIST = re.compile(r"\.fc(?P<version>\d+)(?:[._~^]|$)")
 
 
-class RpmError(ValueError):
+class RpmError(PayloadError):
     """The file is not an RPM this project can use; the message names it."""
 
 
-@dataclass(frozen=True)
-class RpmHeader:
-    """What the mirror needs from an RPM's header."""
-
-    nevra: Nevra
-    source: bool
-    files: tuple[str, ...]
-    build_ids: tuple[tuple[str, BuildIdKind, str], ...]
-    """``(build_id, kind, path of the real file)`` for every build-id entry."""
-
-
-def read_header(path: Path) -> RpmHeader:
-    """Query the header of the RPM at ``path``."""
-    result = run(
-        ["rpm", "-qp", "--nosignature", "--nodigest", "--queryformat", _QUERY, str(path)],
-        timeout=RPM_TIMEOUT,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RpmError(f"{path.name} is not a readable RPM: {result.stderr.strip()}")
-    lines = result.stdout.split("\n")
-    name, epoch, version, release, arch, sourcerpm = lines[:6]
-    files: list[str] = []
-    entries: list[tuple[str, BuildIdKind, str]] = []
-    for line in lines[6:]:
-        if not line:
-            continue
-        filename, _, target = line.partition("\t")
-        files.append(filename)
-        entry = _build_id_entry(filename, target)
+def header_entries(header: RpmHeader) -> list[IndexEntry]:
+    """The build-id entries the header's ``.build-id`` links spell."""
+    entries = []
+    for filename, target in zip(header.files, header.link_targets, strict=True):
+        entry = build_id_entry(filename, target)
         if entry is not None:
             entries.append(entry)
-    return RpmHeader(
-        nevra=Nevra(name, int(epoch), version, release, arch),
-        source=sourcerpm in ("", "(none)"),
-        files=tuple(files),
-        build_ids=tuple(entries),
-    )
+    return entries
 
 
-def _build_id_entry(filename: str, target: str) -> tuple[str, BuildIdKind, str] | None:
+def build_id_entry(filename: str, target: str) -> IndexEntry | None:
+    """The index entry a ``.build-id`` link at ``filename`` to ``target`` spells, if any.
+
+    Under /usr/lib/debug, ``<id>.debug`` names the debug file and ``<id>`` alone
+    links back to the binary's path (in another package of the build); under
+    /usr/lib, ``<id>`` names the binary.
+    """
     match = _BUILD_ID_ENTRY.match(filename)
     if match is None:
         return None
     is_debug = bool(match["debug"])
-    # Under /usr/lib/debug, "<id>.debug" names the debug file; "<id>" alone links back
-    # to the binary in another package.  Under /usr/lib, "<id>" names the binary.
-    if is_debug != bool(match["suffix"]):
+    if not is_debug and match["suffix"]:
         return None
     build_id = match["head"] + match["tail"]
-    real = (
-        posixpath.normpath(posixpath.join(posixpath.dirname(filename), target))
-        if target
-        else filename
-    )
-    return build_id, BuildIdKind.DEBUG if is_debug else BuildIdKind.BINARY, real
+    real = resolve_link(filename, target) if target else filename
+    if not is_debug:
+        kind = BuildIdKind.BINARY
+    elif match["suffix"]:
+        kind = BuildIdKind.DEBUG
+    elif target and not real.startswith("/usr/lib/.build-id/"):
+        kind = BuildIdKind.BINARY_PATH
+    else:
+        # Fedora's default layout links to the main package's link, which says nothing
+        # of where the binary is.
+        return None
+    return IndexEntry(build_id, kind, real, IndexSource.HEADER)
 
 
 def os_release_of(release: str) -> str | None:

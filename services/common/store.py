@@ -83,8 +83,18 @@ packages = sa.Table(
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("added_at", sa.DateTime(timezone=True), nullable=False),
+    # The build the package came from: its source RPM's NVR (migration 0400).
+    sa.Column("source_nvr", sa.Text),
+    # How its build-ids were read: see INDEX_VERSION (migration 0400).
+    sa.Column("index_version", sa.Integer, nullable=False, server_default="0"),
+    # How many of its header's .build-id links its ELF files contradicted.
+    sa.Column("index_conflicts", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("os_release", "name", "epoch", "version", "release", "arch"),
 )
+
+INDEX_VERSION = 1
+"""Packages whose ``index_version`` is lower were indexed from their header's
+``.build-id`` links alone; ``retrace-mirror reindex`` reads their ELF files."""
 
 build_ids = sa.Table(
     "build_ids",
@@ -95,6 +105,8 @@ build_ids = sa.Table(
     ),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("path", sa.Text, nullable=False),
+    # Where the entry was read: "elf" (the file's own note) or "header" (a .build-id link).
+    sa.Column("source", sa.String(8), nullable=False, server_default="header"),
     sa.PrimaryKeyConstraint("build_id", "package_id", "path"),
 )
 
@@ -165,10 +177,34 @@ class TaskStatus(StrEnum):
 
 
 class BuildIdKind(StrEnum):
-    """Whether a build-id entry points at the binary itself or at its debug file."""
+    """What file of a package a build-id entry names."""
 
     BINARY = "binary"
+    """The program or library itself."""
     DEBUG = "debug"
+    """Its separate debug file."""
+    DWZ = "dwz"
+    """Shared DWARF under ``/usr/lib/debug/.dwz/`` that debug files point to."""
+    BINARY_PATH = "binary-path"
+    """Not a file of this package: a debuginfo package's ``.build-id`` link naming
+    where the binary of that build-id is installed (by another package of the build)."""
+
+
+class IndexSource(StrEnum):
+    """Where a build-id entry was read."""
+
+    ELF = "elf"
+    HEADER = "header"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One build-id entry of a package, as the mirror indexes it."""
+
+    build_id: str
+    kind: BuildIdKind
+    path: str
+    source: IndexSource = IndexSource.HEADER
 
 
 class SchemaMismatch(Exception):
@@ -221,6 +257,8 @@ class Package:
     path: str
     sha256: str
     size: int
+    source_nvr: str | None = None
+    """The build it came from (its source RPM's NVR), when the index knows it."""
 
 
 @dataclass(frozen=True)
@@ -637,9 +675,12 @@ class Store:
         path: str,
         sha256: str,
         size: int,
-        entries: Sequence[tuple[str, BuildIdKind, str]],
+        entries: Sequence[IndexEntry],
+        source_nvr: str | None = None,
+        index_version: int = INDEX_VERSION,
+        conflicts: int = 0,
     ) -> tuple[Package, bool]:
-        """Record a package and its build-id entries ``(build_id, kind, path)``.
+        """Record a package, the build it came from and its build-id entries.
 
         Idempotent: importing the same package again returns the existing row and
         ``False``; a different file under the same NEVRA and release is refused.
@@ -673,21 +714,101 @@ class Store:
                     sha256=sha256,
                     size=size,
                     added_at=_utcnow(),
+                    source_nvr=source_nvr,
+                    index_version=index_version,
+                    index_conflicts=conflicts,
                 )
             ).inserted_primary_key
             assert inserted is not None
             package_id = inserted[0]
-            unique = {(b, k, p) for b, k, p in entries}
-            if unique:
-                conn.execute(
-                    build_ids.insert(),
-                    [
-                        {"build_id": b, "package_id": package_id, "kind": k, "path": p}
-                        for b, k, p in sorted(unique)
-                    ],
-                )
+            _insert_entries(conn, package_id, entries)
             added = conn.execute(packages.select().where(packages.c.id == package_id))
             return _package(added.mappings().one()), True
+
+    def reindex_package(
+        self,
+        package_id: int,
+        entries: Sequence[IndexEntry],
+        source_nvr: str | None,
+        index_version: int = INDEX_VERSION,
+        conflicts: int = 0,
+    ) -> bool:
+        """Replace a package's build-id entries and record its build; ``False`` if it is gone.
+
+        One transaction: a reader sees the old entries or the new ones, never a mix.
+        """
+        with self._tx() as conn:
+            done = conn.execute(
+                packages.update()
+                .where(packages.c.id == package_id)
+                .values(
+                    source_nvr=source_nvr, index_version=index_version, index_conflicts=conflicts
+                )
+            )
+            if done.rowcount == 0:
+                return False
+            conn.execute(build_ids.delete().where(build_ids.c.package_id == package_id))
+            _insert_entries(conn, package_id, entries)
+            return True
+
+    def index_conflicts(self) -> int:
+        """How many ``.build-id`` links of mirrored packages their ELF files contradicted."""
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.sum(packages.c.index_conflicts))).scalar()
+        return int(total or 0)
+
+    def reindex_backlog(self, index_version: int = INDEX_VERSION) -> int:
+        """How many packages were indexed by an older way than ``index_version``."""
+        query = sa.select(sa.func.count()).where(packages.c.index_version < index_version)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+    def packages_to_reindex(self, index_version: int = INDEX_VERSION) -> list[Package]:
+        """Packages indexed by an older way than ``index_version``, oldest import first."""
+        query = (
+            packages.select()
+            .where(packages.c.index_version < index_version)
+            .order_by(packages.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_package(row) for row in conn.execute(query).mappings().all()]
+
+    def find_paths(
+        self, paths: Iterable[str], kinds: Iterable[BuildIdKind] = (), arch: str | None = None
+    ) -> list[BuildIdHit]:
+        """Every indexed file at one of ``paths`` (of one of ``kinds``, in ``arch``)."""
+        wanted = sorted(set(paths))
+        if not wanted:
+            return []
+        query = (
+            sa.select(
+                packages,
+                build_ids.c.build_id,
+                build_ids.c.kind,
+                build_ids.c.path.label("entry_path"),
+            )
+            .join(packages, packages.c.id == build_ids.c.package_id)
+            .where(build_ids.c.path.in_(wanted))
+            .order_by(packages.c.id)
+        )
+        kinds = list(kinds)
+        if kinds:
+            query = query.where(build_ids.c.kind.in_([str(k) for k in kinds]))
+        if arch is not None:
+            query = query.where(packages.c.arch.in_([arch, "noarch"]))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_hit(row) for row in rows]
+
+    def build_of(self, source_nvr: str, arch: str) -> list[Package]:
+        """The packages of build ``source_nvr`` for ``arch`` (and noarch), oldest import first."""
+        query = (
+            packages.select()
+            .where(packages.c.source_nvr == source_nvr, packages.c.arch.in_([arch, "noarch"]))
+            .order_by(packages.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_package(row) for row in conn.execute(query).mappings().all()]
 
     def find_build_ids(self, wanted: Iterable[str]) -> list[BuildIdHit]:
         """Every package file that carries one of the ``wanted`` build-ids."""
@@ -707,19 +828,11 @@ class Store:
         )
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
-        return [
-            BuildIdHit(
-                build_id=row["build_id"],
-                kind=BuildIdKind(row["kind"]),
-                path=row["entry_path"],
-                package=_package(row),
-            )
-            for row in rows
-        ]
+        return [_hit(row) for row in rows]
 
-    def supported_releases(self) -> list[str]:
-        """Every release and architecture the mirror has binary packages for, in the
-        original's form ``fedora-40-x86_64``."""
+    def mirrored_releases(self) -> list[tuple[str, str]]:
+        """Every ``(os_release, arch)`` the mirror has binary packages for, such as
+        ``("fedora-40", "x86_64")`` (noarch and source packages name no architecture)."""
         query = (
             sa.select(packages.c.os_release, packages.c.arch)
             .where(packages.c.arch.not_in(["noarch", "src"]))
@@ -727,7 +840,7 @@ class Store:
             .order_by(packages.c.os_release, packages.c.arch)
         )
         with self.engine.connect() as conn:
-            return [f"{release}-{arch}" for release, arch in conn.execute(query)]
+            return [(release, arch) for release, arch in conn.execute(query)]
 
     def has_build(self, name: str, version: str, release: str, arch: str) -> bool:
         """Whether the mirror has package ``name-version-release`` for ``arch``."""
@@ -737,6 +850,38 @@ class Store:
             packages.c.release == release,
             packages.c.arch == arch,
         )
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
+    def holds_build(
+        self,
+        name: str,
+        version: str,
+        release: str,
+        arches: Iterable[str] | None = None,
+        os_releases: Iterable[str] | None = None,
+    ) -> bool:
+        """Whether the mirror holds ``name-version-release`` for one of ``arches`` in one
+        of ``os_releases`` (``None``: any).
+
+        The NVR may name a package (a subpackage such as ``foo-cli``) or the build it
+        comes from: a package whose source RPM is ``name-version-release`` counts.
+        """
+        nvr = f"{name}-{version}-{release}"
+        query = sa.select(packages.c.id).where(
+            sa.or_(
+                sa.and_(
+                    packages.c.name == name,
+                    packages.c.version == version,
+                    packages.c.release == release,
+                ),
+                packages.c.source_nvr == nvr,
+            )
+        )
+        if arches is not None:
+            query = query.where(packages.c.arch.in_(sorted(set(arches))))
+        if os_releases is not None:
+            query = query.where(packages.c.os_release.in_(sorted(set(os_releases))))
         with self.engine.connect() as conn:
             return conn.execute(query.limit(1)).first() is not None
 
@@ -878,6 +1023,37 @@ def _task(row: Any) -> Task:
     return Task(**{**row, "status": TaskStatus(row["status"])})
 
 
+def _hit(row: Any) -> BuildIdHit:
+    return BuildIdHit(
+        build_id=row["build_id"],
+        kind=BuildIdKind(row["kind"]),
+        path=row["entry_path"],
+        package=_package(row),
+    )
+
+
+def _insert_entries(conn: Connection, package_id: int, entries: Sequence[IndexEntry]) -> None:
+    # One row per (build-id, path): an ELF note and a header link may both name a file.
+    unique: dict[tuple[str, str], IndexEntry] = {}
+    for entry in entries:
+        if entry.source == IndexSource.ELF or (entry.build_id, entry.path) not in unique:
+            unique[entry.build_id, entry.path] = entry
+    if unique:
+        conn.execute(
+            build_ids.insert(),
+            [
+                {
+                    "build_id": e.build_id,
+                    "package_id": package_id,
+                    "kind": str(e.kind),
+                    "path": e.path,
+                    "source": str(e.source),
+                }
+                for _, e in sorted(unique.items())
+            ],
+        )
+
+
 def _package(row: Any) -> Package:
     return Package(
         id=row["id"],
@@ -886,4 +1062,5 @@ def _package(row: Any) -> Package:
         path=row["path"],
         sha256=row["sha256"],
         size=row["size"],
+        source_nvr=row["source_nvr"],
     )

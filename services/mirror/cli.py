@@ -15,11 +15,11 @@ from services.common.logs import setup_logging
 from services.common.rpm import RpmError
 from services.common.runner import CommandError
 from services.common.settings import ConfigError, Settings, load_settings, log_settings
-from services.common.store import SchemaMismatch, Store
+from services.common.store import Package, SchemaMismatch, Store
 from services.mirror.deadletters import MirrorDeadLetters
 from services.mirror.fetcher import Fetcher
 from services.mirror.http import serve
-from services.mirror.importer import import_rpm
+from services.mirror.importer import import_rpm, reindex
 from services.mirror.koji import KojiError, KojiHub, KojiUnavailable
 from services.mirror.listener import listen
 from services.mirror.repo import update_metadata
@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="add local RPM files to the repository and index")
     imp.add_argument("files", nargs="+", type=Path, metavar="FILE.rpm")
     imp.add_argument("--release", help="OS release (e.g. fedora-40) when no dist tag tells it")
+    sub.add_parser(
+        "reindex",
+        help="index the ELF files of packages indexed from their header links alone "
+        "(idempotent; resumes where an interrupted run stopped)",
+    )
     sub.add_parser("worker", help="consume mirror commands: download, check, place, index")
     sub.add_parser("listen", help="turn Koji's build messages into mirror commands")
     sync = sub.add_parser("sync", help="ask the worker to mirror builds now (a backfill)")
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
         return 2
     if args.command == "import":
         return _import(store, settings, args.files, args.release)
+    if args.command == "reindex":
+        return _reindex(store, settings)
     if args.command == "worker":
         warn_policy(settings)
         return _worker(store, settings)
@@ -118,6 +125,16 @@ def _import(store: Store, settings: Settings, files: list[Path], release: str | 
         print(f"retrace-mirror: updating the repository metadata failed: {exc}", file=sys.stderr)
         return 1
     return 1 if failed else 0
+
+
+def _reindex(store: Store, settings: Settings) -> int:
+    def report(number: int, total: int, package: Package) -> None:
+        print(f"[{number}/{total}] {package.nevra} ({package.os_release})", flush=True)
+
+    done = reindex(store, settings.repo, report)
+    left = store.reindex_backlog()
+    print(f"re-indexed {done} packages; {left} left")
+    return 1 if left else 0
 
 
 def _worker(store: Store, settings: Settings) -> int:

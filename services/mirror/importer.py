@@ -1,13 +1,15 @@
-"""``retrace-mirror import``: put local RPM files into the repository and the index."""
+"""``retrace-mirror import`` and ``reindex``: RPM files into the repository and the index."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.rpm import RpmError, os_release_of, read_header
-from services.common.store import Package, Store
+from services.common.rpm import RpmError, os_release_of
+from services.common.store import Nevra, Package, Store
+from services.mirror.index import RpmIndex, index_rpm
 from services.mirror.repo import place, relative_path, sha256_of
 
 log = logging.getLogger(__name__)
@@ -28,28 +30,76 @@ def import_rpm(store: Store, repo: Path, path: Path, os_release: str | None = No
     The OS release comes from ``os_release`` or else the package's dist tag;
     with neither, :class:`RpmError` names the file.
     """
-    header = read_header(path)
-    if header.source:
+    sha256 = sha256_of(path)
+    index = _read(path, sha256)
+    header = index.header
+    if header.source_rpm is None:
         raise RpmError(f"{path.name} is a source RPM; only binary RPMs are mirrored")
-    release = os_release or os_release_of(header.nevra.release)
+    release = os_release or os_release_of(header.release)
     if release is None:
         raise RpmError(
-            f"{path.name}: its release {header.nevra.release!r} has no dist tag such as "
+            f"{path.name}: its release {header.release!r} has no dist tag such as "
             "'.fc40'; name the OS release with --release"
         )
-    sha256 = sha256_of(path)
-    relative = relative_path(release, header.nevra.arch, path.name)
+    relative = relative_path(release, header.arch, path.name)
     final = repo / relative
     if not final.exists() or sha256_of(final) != sha256:
         place(path, repo, relative)
+    nevra = Nevra(header.name, header.epoch, header.version, header.release, header.arch)
     package, new = store.add_package(
-        header.nevra, release, relative, sha256, path.stat().st_size, header.build_ids
+        nevra,
+        release,
+        relative,
+        sha256,
+        path.stat().st_size,
+        index.entries,
+        source_nvr=header.source_nvr,
+        conflicts=len(index.conflicts),
     )
     log.info(
-        "%s %s (%s) with %d build-ids",
+        "%s %s (%s, build %s) with %d build-ids",
         "imported" if new else "already had",
         package.nevra,
         release,
-        len(header.build_ids),
+        header.source_nvr,
+        len(index.entries),
     )
-    return Imported(package, new, len(header.build_ids))
+    return Imported(package, new, len(index.entries))
+
+
+def _read(path: Path, sha256: str | None) -> RpmIndex:
+    try:
+        index = index_rpm(path, sha256)
+    except ValueError as exc:
+        raise RpmError(f"{path.name} is not a readable RPM: {exc}") from exc
+    for warning in index.warnings:
+        log.warning("%s", warning)
+    for conflict in index.conflicts:
+        log.warning("%s", conflict)
+    return index
+
+
+def reindex(store: Store, repo: Path, report: Callable[[int, int, Package], None]) -> int:
+    """Read the ELF files of every package indexed the old way; return how many were done.
+
+    Idempotent and resumable: each package is re-indexed in one transaction that
+    marks it done, so an interrupted run goes on where it stopped; a package whose
+    file is missing or unreadable is logged and left for the next run.
+    """
+    todo = store.packages_to_reindex()
+    done = 0
+    for number, package in enumerate(todo, 1):
+        report(number, len(todo), package)
+        try:
+            index = _read(repo / package.path, package.sha256)
+        except (RpmError, OSError) as exc:
+            log.error("%s: not re-indexed: %s", package.nevra, exc)
+            continue
+        if store.reindex_package(
+            package.id,
+            index.entries,
+            index.header.source_nvr,
+            conflicts=len(index.conflicts),
+        ):
+            done += 1
+    return done

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.analyzer.coredump import Module
-from services.analyzer.resolve import Resolution, Served
+from services.analyzer.packages import Resolution, Served
 from services.analyzer.rootcache import UnpackedPackage, _Layout
 from services.analyzer.unpack import DIR, FILE, LINK, Entry
 from services.common.store import Nevra, Package

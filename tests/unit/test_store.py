@@ -12,6 +12,8 @@ from alembic.runtime.migration import MigrationContext
 
 from services.common.store import (
     BuildIdKind,
+    IndexEntry,
+    IndexSource,
     Nevra,
     SchemaMismatch,
     Store,
@@ -61,7 +63,7 @@ def test_only_the_first_of_two_attempts_finishes_a_task(store: Store) -> None:
 
 def test_a_package_is_recorded_once_with_its_build_ids(store: Store) -> None:
     nevra = Nevra("crasher", 0, "1.0", "1.fc40", "x86_64")
-    entries = [("ab" * 20, BuildIdKind.BINARY, "/usr/bin/crasher")]
+    entries = [IndexEntry("ab" * 20, BuildIdKind.BINARY, "/usr/bin/crasher", IndexSource.ELF)]
     first, new = store.add_package(nevra, "fedora-40", "p/c.rpm", "0" * 64, 10, entries)
     again, new_again = store.add_package(nevra, "fedora-40", "p/c.rpm", "0" * 64, 10, entries)
     assert new
@@ -72,6 +74,28 @@ def test_a_package_is_recorded_once_with_its_build_ids(store: Store) -> None:
         (first, BuildIdKind.BINARY, "/usr/bin/crasher")
     ]
     assert hits[0].package.path == "p/c.rpm"
+
+
+def test_a_package_indexed_the_old_way_is_reindexed_once_with_its_build(store: Store) -> None:
+    nevra = Nevra("foo-cli", 0, "4.2", "3.fc40", "x86_64")
+    link = IndexEntry("ab" * 20, BuildIdKind.BINARY, "/usr/bin/foo")
+    old, _ = store.add_package(nevra, "fedora-40", "p/f.rpm", "0" * 64, 10, [link], None, 0)
+    assert store.reindex_backlog() == 1
+    assert [p.id for p in store.packages_to_reindex()] == [old.id]
+    note = IndexEntry("cd" * 20, BuildIdKind.BINARY, "/usr/bin/foo", IndexSource.ELF)
+    lib = IndexEntry("ef" * 20, BuildIdKind.BINARY, "/usr/lib64/libfoo.so.1", IndexSource.ELF)
+    assert store.reindex_package(old.id, [note, lib], "foo-4.2-3.fc40", conflicts=1)
+    assert store.reindex_backlog() == 0
+    assert store.index_conflicts() == 1
+    # The ELF note replaced the link it contradicted; the build is known now.
+    assert store.find_build_ids(["ab" * 20]) == []
+    hits = store.find_paths(["/usr/bin/foo", "/usr/lib64/libfoo.so.1"], [BuildIdKind.BINARY])
+    assert {(h.build_id, h.path) for h in hits} == {
+        ("cd" * 20, "/usr/bin/foo"),
+        ("ef" * 20, "/usr/lib64/libfoo.so.1"),
+    }
+    assert [p.nevra for p in store.build_of("foo-4.2-3.fc40", "x86_64")] == [nevra]
+    assert store.build_of("foo-4.2-3.fc40", "aarch64") == []
 
 
 def test_a_different_file_under_a_known_nevra_is_refused(store: Store) -> None:
