@@ -15,10 +15,10 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,16 @@ class IntakeSettings(_Section):
     submitting_timeout_seconds: int = Field(default=300, ge=10)
     trusted_proxies: tuple[str, ...] = ()
     require_https: bool = False
+    # What GET /settings offers and GET /checkpackage looks in, besides what the store holds.
+    releases: tuple[
+        Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]*-[0-9a-z_.]+$")], ...
+    ] = ()
+    rawhide: int = Field(default=0, ge=0)
+    # GET /checkpackage: ask the mirror whether Koji has a build it lacks (empty: never).
+    mirror_url: str = Field(default="", pattern=r"^(https?://\S+)?$")
+    mirror_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+    checkpackage_limit: int = Field(default=60, ge=1)
+    checkpackage_window_seconds: int = Field(default=60, ge=1)
 
 
 class AnalyzerSettings(_Section):
@@ -167,6 +177,7 @@ class Settings(_Section):
         data["store"]["url"] = mask_url(self.store.url)
         data["broker"]["url"] = mask_url(self.broker.url)
         data["mirror"]["koji_broker_url"] = mask_url(self.mirror.koji_broker_url)
+        data["intake"]["mirror_url"] = mask_url(self.intake.mirror_url)
         if self.intake.password_key:
             data["intake"]["password_key"] = "***"  # noqa: S105 -- the mask itself
         return data

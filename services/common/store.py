@@ -842,17 +842,6 @@ class Store:
         with self.engine.connect() as conn:
             return [(release, arch) for release, arch in conn.execute(query)]
 
-    def has_build(self, name: str, version: str, release: str, arch: str) -> bool:
-        """Whether the mirror has package ``name-version-release`` for ``arch``."""
-        query = sa.select(packages.c.id).where(
-            packages.c.name == name,
-            packages.c.version == version,
-            packages.c.release == release,
-            packages.c.arch == arch,
-        )
-        with self.engine.connect() as conn:
-            return conn.execute(query.limit(1)).first() is not None
-
     def holds_build(
         self,
         name: str,

@@ -16,7 +16,7 @@ from services.common.settings import Settings
 from services.common.spool import Spool
 from services.common.store import Store
 from services.intake import passwords
-from services.intake.catalog import CheckPackageResource, SettingsResource
+from services.intake.catalog import CheckPackageResource, MirrorLookup, SettingsResource
 from services.intake.clients import RequireHttps
 from services.intake.create import CreateResource, disk_free
 from services.intake.errors import Refusal, render_refusal
@@ -96,12 +96,19 @@ def create_app(
     app.add_error_handler(Refusal, refused)
     key = passwords.server_key(limits.password_key, spool.root)
     metrics.watch(store, spool.root, free_space, broker.queue_depth)
+    # One publisher, one lock: uploads and /checkpackage publish from many threads.
+    publishing = Publishing(publish)
     app.add_route(
         "/create",
-        CreateResource(settings, store, spool, Publishing(publish), new_id, free_space, metrics),
+        CreateResource(settings, store, spool, publishing, new_id, free_space, metrics),
     )
     app.add_route("/settings", SettingsResource(limits, store))
-    app.add_route("/checkpackage", CheckPackageResource(store))
+    mirror = (
+        MirrorLookup(limits.mirror_url, limits.mirror_timeout_seconds)
+        if limits.mirror_url
+        else None
+    )
+    app.add_route("/checkpackage", CheckPackageResource(limits, store, publishing, mirror))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/__lbheartbeat__", LbHeartbeatResource())

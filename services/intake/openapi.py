@@ -8,7 +8,7 @@ from typing import Any
 
 import falcon
 
-from services.intake.upload import DECODERS
+from services.intake.upload import ACCEPTED_FILES, DECODERS, REQUIRED_FILES
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -100,6 +100,13 @@ def spec() -> dict[str, Any]:
                     ],
                     "requestBody": {
                         "required": True,
+                        "description": (
+                            "A tar of the problem directory's files, each at the archive's "
+                            f"top: {', '.join(REQUIRED_FILES)} (required) and "
+                            + ", ".join(f for f in ACCEPTED_FILES if f not in REQUIRED_FILES)
+                            + " (optional; rootdir and os_release_in_rootdir as "
+                            "abrt-retrace-client packs them); any other file is refused (403)"
+                        ),
                         "content": dict.fromkeys(DECODERS, archive),
                     },
                     "responses": {
@@ -181,7 +188,10 @@ def spec() -> dict[str, Any]:
                         "200": {
                             "description": "running_tasks, max_running_tasks, "
                             "max_packed_size, max_unpacked_size (MiB), supported_formats, "
-                            "supported_releases",
+                            "supported_releases (the configured releases and those the "
+                            "mirror holds, spelled as ABRT's client spells its own: "
+                            "fedora-40-x86_64, fedora-rawhide-x86_64, fedora-40-i386; "
+                            "newest first, at most 32)",
                             "content": {**TEXT, **JSON_OBJECT},
                         },
                         "403": {"$ref": "#/components/responses/HttpsRequired"},
@@ -190,29 +200,49 @@ def spec() -> dict[str, Any]:
             },
             "/checkpackage": {
                 "get": {
-                    "summary": "Whether the mirror has a package build",
+                    "summary": "Whether the server can retrace a crash of this package",
                     "parameters": [
                         {
-                            "name": name,
+                            "name": "X-Package-NVR",
                             "in": "header",
                             "required": True,
+                            "description": "name-[epoch:]version-release of the package or "
+                            "of the build (source package) it comes from",
                             "schema": {"type": "string"},
-                        }
-                        for name in ("X-Package-NVR", "X-Package-Arch")
-                    ]
-                    + [
+                        },
+                        {
+                            "name": "X-Package-Arch",
+                            "in": "header",
+                            "required": True,
+                            "description": "The package's architecture; i386 to i686 are "
+                            "one, noarch packages match any",
+                            "schema": {"type": "string"},
+                        },
                         {
                             "name": "X-OS-Release",
                             "in": "header",
                             "required": False,
+                            "description": "The release to look in, as ABRT's client spells "
+                            "it (fedora-40-x86_64, fedora-rawhide-x86_64, fedora-40-i386); "
+                            "absent: any release",
                             "schema": {"type": "string"},
-                        }
+                        },
                     ],
                     "responses": {
-                        "302": {"description": "The mirror has it (no Location, by design)"},
-                        "400": _text("A header is missing or not an NVR"),
+                        "302": {
+                            "description": "The mirror has it, or Koji has it and the "
+                            "mirror was told to fetch it (the task then waits for it); "
+                            "no Location, by design"
+                        },
+                        "400": _text("A header is missing, not an NVR, or not a release"),
                         "403": {"$ref": "#/components/responses/HttpsRequired"},
-                        "404": _text("The mirror does not have it"),
+                        "404": _text(
+                            "Neither the mirror nor Koji (when the mirror can be asked in "
+                            "time) has it, or the release is not one this server retraces"
+                        ),
+                        "429": _text(
+                            "Too many lookups from this address", **{"Retry-After": RETRY}
+                        ),
                     },
                 }
             },

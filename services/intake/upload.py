@@ -40,12 +40,16 @@ SPACE_CHECK_EVERY = 8 << 20
 TRAILING_LIMIT = 1 << 20
 
 # The original server's list, and its size caps in bytes (0: no cap of its own).
+# abrt-retrace-client adds rootdir and os_release_in_rootdir when the problem directory
+# has them (a crash in a container or chroot: its root, and the release inside it).
 ACCEPTED_FILES: dict[str, int] = {
     "coredump": 0,
     "executable": 512,
     "package": 128,
     "packages": 1 << 20,
     "os_release": 128,
+    "os_release_in_rootdir": 128,
+    "rootdir": 256,
     "release": 128,
     "architecture": 32,
     "cmdline": 4096,

@@ -4,6 +4,8 @@
 make each release and architecture a dnf repository
 (``dnf --repofrompath=m,http://host/fedora-40/x86_64``).  The debuginfod API is
 not ours: elfutils' ``debuginfod`` serves it over the same tree (deploy/).
+``GET /koji/builds/<nvr>`` tells the intake whether Koji has a build the mirror
+lacks and would fetch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,8 +24,10 @@ import falcon
 import sqlalchemy as sa
 
 from services.common.logs import setup_logging
-from services.common.settings import Settings, load_settings, log_settings
+from services.common.settings import MirrorSettings, Settings, load_settings, log_settings
 from services.common.store import Store, koji_builds, packages
+from services.mirror.fetcher import Fetcher
+from services.mirror.koji import BuildState, KojiError, KojiHub, KojiUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,18 @@ METRICS = {
             "retrace_mirror_last_sync_timestamp_seconds",
             "gauge",
             "When the mirror last finished a Koji build (Unix time)",
+        ),
+        Metric(
+            "retrace_mirror_index_conflicts_total",
+            "counter",
+            "Header .build-id links that the package's own ELF files contradicted "
+            "(the ELF content was indexed)",
+        ),
+        Metric(
+            "retrace_mirror_packages_to_reindex",
+            "gauge",
+            "Packages indexed the old way, from their header links alone "
+            "('retrace-mirror reindex' reads their ELF files)",
         ),
     )
 }
@@ -83,6 +101,8 @@ class MetricsResource:
         samples: list[tuple[str, dict[str, str], float]] = [
             ("retrace_mirror_packages", {}, float(count)),
             ("retrace_mirror_package_bytes", {}, float(size)),
+            ("retrace_mirror_index_conflicts_total", {}, float(self._store.index_conflicts())),
+            ("retrace_mirror_packages_to_reindex", {}, float(self._store.reindex_backlog())),
         ]
         samples += [("retrace_mirror_builds", {"state": s}, float(n)) for s, n in states]
         if last is not None:
@@ -127,10 +147,96 @@ class Version:
         resp.media = {"name": "retrace-server", "version": metadata.version("retrace-server")}
 
 
-def create_app(store: Store, repo: Path) -> falcon.App[falcon.Request, falcon.Response]:
-    """The mirror's WSGI application over the repository at ``repo``."""
+NVR = re.compile(r"^[A-Za-z0-9._+~^-]+-[^-/\s]+-[^-/\s]+$")
+
+# Seconds one lookup may wait for Koji: the intake asking waits only a couple of seconds,
+# and a worker of this app should not be held for mirror.koji_timeout by a slow hub.
+KOJI_LOOKUP_TIMEOUT = 10
+
+
+class NotFetchable(Exception):
+    """Koji has no such build, or none this mirror would fetch; the message says which."""
+
+
+class KojiLookup:
+    """Whether Koji has a COMPLETE build of an NVR that this mirror would fetch.
+
+    The fetcher's own filters decide (``mirror.packages``, ``mirror.releases``, the
+    release from a configured tag or the dist tag), so "yes" means a mirror command
+    for the build will place it.
+    """
+
+    def __init__(self, store: Store, repo: Path, settings: MirrorSettings, koji: KojiHub) -> None:
+        self._settings = settings
+        self._koji = koji
+        # Only its filters are used here: it never fetches or publishes from this app.
+        self._fetcher = Fetcher(store, repo, settings, koji, _never_publish)
+        # koji's ClientSession is not made for concurrent calls.
+        self._lock = threading.Lock()
+
+    def __call__(self, nvr: str) -> dict[str, object]:
+        """The build as ``{"nvr", "build_id", "os_release"}``.
+
+        Raises :class:`NotFetchable` (saying why) when there is none to fetch, and
+        :class:`KojiUnavailable` when Koji cannot be asked.
+        """
+        with self._lock:
+            try:
+                build = self._koji.build(nvr)
+                release = None if build is None else self._fetcher.os_release(build)
+            except KojiError as exc:
+                raise NotFetchable(str(exc)) from exc
+        if build is None:
+            raise NotFetchable(f"Koji has no build {nvr}")
+        if build.state != BuildState.COMPLETE:
+            raise NotFetchable(f"Koji's build {nvr} is {build.state.name}, not COMPLETE")
+        if not self._fetcher.wanted(build.name):
+            raise NotFetchable(f"{build.name} is not in mirror.packages")
+        if release is None:
+            raise NotFetchable(f"no dist tag in {build.release!r} and no configured tag names one")
+        if self._settings.releases and release not in self._settings.releases:
+            raise NotFetchable(f"{release} is not in mirror.releases")
+        return {"nvr": build.nvr, "build_id": build.id, "os_release": release}
+
+
+def _never_publish(*_args: object) -> None:
+    raise AssertionError("the mirror's HTTP face publishes nothing")
+
+
+class KojiBuildResource:
+    """``GET /koji/builds/{nvr}``: 200 and the build when Koji has a COMPLETE build of
+    ``nvr`` that this mirror would fetch, 404 (and why) when not, 503 when Koji
+    cannot be reached, 400 for what is not an NVR."""
+
+    def __init__(self, lookup: KojiLookup) -> None:
+        self._lookup = lookup
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response, nvr: str) -> None:
+        if not NVR.match(nvr) or len(nvr) > 512:
+            resp.status = falcon.HTTP_400
+            resp.media = {"reason": f"{nvr[:80]!r} is not name-version-release"}
+            return
+        try:
+            resp.media = self._lookup(nvr)
+        except NotFetchable as exc:
+            resp.status = falcon.HTTP_404
+            resp.media = {"reason": str(exc)}
+        except KojiUnavailable as exc:
+            log.warning("cannot tell whether Koji has %s: %s", nvr, exc)
+            resp.status = falcon.HTTP_503
+            resp.set_header("Retry-After", "30")
+            resp.media = {"reason": str(exc)}
+
+
+def create_app(
+    store: Store, repo: Path, koji: KojiLookup | None = None
+) -> falcon.App[falcon.Request, falcon.Response]:
+    """The mirror's WSGI application over the repository at ``repo``; with ``koji``,
+    it answers ``GET /koji/builds/<nvr>`` too."""
     app: falcon.App[falcon.Request, falcon.Response] = falcon.App()
     app.add_route("/metrics", MetricsResource(store))
+    if koji is not None:
+        app.add_route("/koji/builds/{nvr}", KojiBuildResource(koji))
     app.add_route("/__lbheartbeat__", LbHeartbeat())
     app.add_route("/__heartbeat__", Heartbeat(store, repo))
     app.add_route("/__version__", Version())
@@ -146,7 +252,11 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     log_settings(settings, "retrace-mirror serve")
     store = Store.from_url(settings.store_url)
     store.check_revision()
-    return create_app(store, settings.repo)
+    mirror = settings.mirror
+    hub = KojiHub(
+        mirror.koji_hub, mirror.koji_topurl, min(mirror.koji_timeout, KOJI_LOOKUP_TIMEOUT)
+    )
+    return create_app(store, settings.repo, KojiLookup(store, settings.repo, mirror, hub))
 
 
 def serve(settings: Settings, store: Store, bind: str, workers: int) -> int:

@@ -9,7 +9,8 @@ fault codes, as the real hub raises them.  Files are served under
 
 Tests steer it: :attr:`KojiStandIn.down` answers 503 to everything (Koji failing),
 :attr:`KojiStandIn.corrupt` flips one payload byte of the named files for a given
-number of downloads.
+number of downloads, :attr:`KojiStandIn.slow` makes every hub call wait that many
+seconds before it answers.
 """
 
 # The hub's methods and arguments are named as Koji names them: that is the protocol.
@@ -107,6 +108,7 @@ class KojiStandIn:
         self.files.mkdir(parents=True, exist_ok=True)
         self.builds: dict[int, Build] = {}
         self.down = False
+        self.slow = 0.0  # seconds each hub call waits before answering (a Koji under load)
         self.corrupt: dict[str, int] = {}  # file name -> downloads still to corrupt
         self.calls: list[str] = []
         self.downloads: list[str] = []
@@ -349,6 +351,8 @@ def _handler_for(koji: KojiStandIn) -> type[BaseHTTPRequestHandler]:
                 koji.refused += 1
                 self._answer(503, b"Service Unavailable", "text/plain")
                 return
+            if koji.slow:
+                time.sleep(koji.slow)
             params, method = xmlrpc.client.loads(request, use_builtin_types=True)
             try:
                 result = koji.dispatch(method or "", params)

@@ -10,6 +10,7 @@ import http.client
 import json
 import lzma
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from services.common.store import Store, TaskStatus, tasks, uploads
 from tests.conftest import STORE_KINDS
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack, free_port
+from tests.integration.test_abrt_client import ARCHIVED, client_archive
 from tests.unit.test_intake import elf_header, task_dirs
 from tests.unit.test_intake_upload import files, real_crash, tar_bytes
 
@@ -232,6 +234,33 @@ def test_a_clients_second_upload_at_once_is_refused_with_429(
             assert b"uploads in progress" in text
             slow.sendall(body[len(body) // 2 :])
             assert slow.recv(12) == b"HTTP/1.1 201"
+    finally:
+        intake.down()
+
+
+def test_the_optional_files_of_abrts_client_are_accepted_as_it_packs_them(
+    tmp_path: Path, crash_fixtures: Fixtures, make_broker_url: Callable[[], str]
+) -> None:
+    store_url = f"sqlite:///{tmp_path}/retrace.sqlite3"
+    intake = start_intake(tmp_path / "home", make_broker_url(), store_url)
+    problem = tmp_path / "problem"
+    shutil.copytree(crash_fixtures.crash.problem_dir, problem)
+    (problem / "rootdir").write_text("/var/lib/machines/f40")
+    (problem / "os_release_in_rootdir").write_text("Fedora release 40 (Forty)")
+    try:
+        # tar c coredump executable package os_release rootdir os_release_in_rootdir | xz -2
+        body = client_archive(problem)
+        status, headers, text = intake.request("POST", "/create", body, {"Content-Type": XZ})
+        assert status == 201, (text, intake.logs())
+        crash_dir = intake.spool / headers["X-Task-Id"] / "crash"
+        assert sorted(p.name for p in crash_dir.iterdir()) == sorted(ARCHIVED)
+        assert (crash_dir / "rootdir").read_text() == "/var/lib/machines/f40"
+        # Too long for its cap: refused naming the file, nothing left of it.
+        (problem / "rootdir").write_text("/" * 257)
+        status, _, text = intake.request(
+            "POST", "/create", client_archive(problem), {"Content-Type": XZ}
+        )
+        assert (status, text) == (403, b"file 'rootdir' is 257 bytes; at most 256\n")
     finally:
         intake.down()
 

@@ -137,6 +137,11 @@ def test_the_real_crash_is_accepted_in_every_format(
         (("environ", b"SECRET=1"), "file 'environ' is not accepted"),
         (("sub/coredump", b"x"), "file 'sub/coredump' is not accepted"),
         (("reason", b"r" * 600), "file 'reason' is 600 bytes; at most 512"),
+        (("rootdir", b"/" * 257), "file 'rootdir' is 257 bytes; at most 256"),
+        (
+            ("os_release_in_rootdir", b"F" * 129),
+            "'os_release_in_rootdir' is 129 bytes; at most 128",
+        ),
     ],
 )
 def test_an_unsafe_or_unwanted_member_is_refused_with_403(
@@ -144,6 +149,21 @@ def test_an_unsafe_or_unwanted_member_is_refused_with_403(
 ) -> None:
     answer = intake.create(xz(tar_bytes(files(crash, member))))
     refused(answer, 403, says, intake)
+
+
+def test_the_files_abrt_retrace_client_adds_for_a_container_crash_are_accepted(
+    intake: Intake, crash: dict[str, bytes]
+) -> None:
+    # What it packs when the problem directory has them, each at its cap.
+    rootdir = b"/var/lib/machines/f40".ljust(256, b"/")
+    inside = b"Fedora release 40 (Forty)".ljust(128, b" ")
+    extra = [("rootdir", rootdir), ("os_release_in_rootdir", inside)]
+    answer = intake.create(xz(tar_bytes(files(crash, *extra))))
+    assert answer.status_code == 201, answer.text
+    crash_dir = intake.spool.crash_dir(answer.headers["X-Task-Id"])
+    assert (crash_dir / "rootdir").read_bytes() == rootdir
+    assert (crash_dir / "os_release_in_rootdir").read_bytes() == inside
+    assert len(intake.publisher.sent) == 1
 
 
 @pytest.mark.parametrize("name", ["coredump", "executable", "package"])
