@@ -9,18 +9,16 @@ import signal
 import sys
 from types import FrameType
 
-import pika.exceptions
-
-from schemas.topology import ANALYZE
+from schemas.topology import ANALYZE, ANALYZER_BUILD_SYNCED
 from services.analyzer.deadletters import DeadLetterHandler
 from services.analyzer.debugshell import ShellError, open_shell
-from services.analyzer.fetch import BuildSyncedHandler, BuildSyncedListener
+from services.analyzer.fetch import BuildSyncedHandler
 from services.analyzer.retrace import sandbox_for
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import SandboxUnavailable
 from services.analyzer.unpack import PayloadError
 from services.analyzer.worker import AnalyzeHandler
-from services.common.bus import Consumer, DeadLetterConsumer, Publisher, policy_problem
+from services.common.bus import Consumer, Publisher, policy_problem
 from services.common.logs import setup_logging
 from services.common.runner import CommandError
 from services.common.settings import ConfigError, load_settings, log_settings
@@ -66,41 +64,24 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir / "work",
         publisher.publish_later,
     )
+    # One connection consumes everything this process takes: its commands, their
+    # dead letters and the mirror's build-synced events; one publishes.
     consumer = Consumer(settings.broker.url, settings.broker.heartbeat, settings.analyzer.arches)
-    dead_publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
-    dead_letters = DeadLetterConsumer(
-        settings.broker.url,
-        settings.broker.heartbeat,
-        settings.analyzer.arches,
+    consumer.subscribe(ANALYZE, handler)
+    consumer.subscribe_dead_letters(
         [ANALYZE.dead_letter_queue_for(arch) for arch in settings.analyzer.arches],
-        DeadLetterHandler(store, Spool(settings.spool), dead_publisher.publish),
+        DeadLetterHandler(store, Spool(settings.spool), publisher.publish),
     )
-
-    synced_publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
-    synced = BuildSyncedListener(
-        settings.broker.url,
-        settings.broker.heartbeat,
-        settings.analyzer.arches,
-        BuildSyncedHandler(store, synced_publisher.publish),
-    )
+    consumer.subscribe(ANALYZER_BUILD_SYNCED, BuildSyncedHandler(store, publisher.publish))
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         consumer.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    dead_letters.start()
-    synced.start()
     try:
-        consumer.run(ANALYZE, handler)
-    except pika.exceptions.AMQPConnectionError as exc:
-        print(f"retrace-analyzer: cannot reach the broker: {exc!r}", file=sys.stderr)
-        return 1
+        consumer.run()
     finally:
-        synced.stop()
-        dead_letters.stop()
-        synced_publisher.close()
-        dead_publisher.close()
         publisher.close()
     return 0
 

@@ -14,15 +14,13 @@ After ``fetch_attempts`` requests the retrace goes on with what the mirror has.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 
-import pika.exceptions
 import sqlalchemy.exc
 
 from schemas.messages import AnalyzeTaskV1, BuildSyncedV1, MirrorAction, MirrorBuildV1, TaskType
-from schemas.topology import ANALYZE, ANALYZE_WAIT, ANALYZER_BUILD_SYNCED, MIRROR_BUILD
-from services.common.bus import Consumer, Delivery, Later, Publish, PublishError
+from schemas.topology import ANALYZE, ANALYZE_WAIT, MIRROR_BUILD
+from services.common.bus import Delivery, Later, Publish, PublishError
 from services.common.settings import AnalyzerSettings
 from services.common.store import Store
 
@@ -152,40 +150,3 @@ class BuildSyncedHandler:
                 )
         except (sqlalchemy.exc.SQLAlchemyError, PublishError):
             log.exception("tasks waiting for build %s wait for their retry instead", event.nvr)
-
-
-class BuildSyncedListener:
-    """Consumes the analyzers' build-synced queue in a thread of its own."""
-
-    def __init__(
-        self, url: str, heartbeat: int, arches: tuple[str, ...], handler: BuildSyncedHandler
-    ) -> None:
-        self._url = url
-        self._heartbeat = heartbeat
-        self._arches = arches
-        self._handler = handler
-        self._stopping = threading.Event()
-        self._consumer: Consumer | None = None
-        self._thread = threading.Thread(target=self._run, name="build-synced", daemon=True)
-
-    def start(self) -> None:
-        """Start consuming in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop consuming and wait for the thread."""
-        self._stopping.set()
-        if self._consumer is not None:
-            self._consumer.stop()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._consumer = Consumer(self._url, self._heartbeat, self._arches)
-            if self._stopping.is_set():
-                return
-            try:
-                self._consumer.run(ANALYZER_BUILD_SYNCED, self._handler)
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                log.error("build-synced listener lost the broker, retrying: %r", exc)
-                self._stopping.wait(5)

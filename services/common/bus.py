@@ -11,8 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import queue
+import random
 import re
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -104,10 +107,21 @@ def declare_topology(channel: BlockingChannel, arches: tuple[str, ...]) -> None:
     """Declare our exchanges, quorum queues and bindings; safe to call any number of times."""
     for exchange in EXCHANGES:
         channel.exchange_declare(exchange, exchange_type=ExchangeType("topic"), durable=True)
-    for queue in topology_queues(arches):
-        channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
-        for exchange, key in queue.bindings:
-            channel.queue_bind(queue.name, exchange, routing_key=key)
+    for spec in topology_queues(arches):
+        channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        for exchange, key in spec.bindings:
+            channel.queue_bind(spec.name, exchange, routing_key=key)
+
+
+def declare_queues(channel: BlockingChannel, arches: tuple[str, ...], names: list[str]) -> None:
+    """Declare our exchanges and the queues called ``names``, with their bindings."""
+    for exchange in EXCHANGES:
+        channel.exchange_declare(exchange, exchange_type=ExchangeType("topic"), durable=True)
+    for spec in topology_queues(arches):
+        if spec.name in names:
+            channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+            for exchange, key in spec.bindings:
+                channel.queue_bind(spec.name, exchange, routing_key=key)
 
 
 def declare_wait_queue(
@@ -345,75 +359,6 @@ DeadLetterHandler = Callable[[bytes, dict[str, Any]], None]
 """Handles one dead-lettered body with its headers; raising requeues it for a later try."""
 
 
-class DeadLetterConsumer:
-    """Consumes dead-letter queues in a thread of its own, reconnecting when the broker goes."""
-
-    RETRY_SECONDS = 5
-
-    def __init__(
-        self,
-        url: str,
-        heartbeat: int,
-        arches: tuple[str, ...],
-        queues: list[str],
-        handler: DeadLetterHandler,
-    ) -> None:
-        self._url = url
-        self._heartbeat = heartbeat
-        self._arches = arches
-        self._queues = queues
-        self._handler = handler
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dead-letters", daemon=True)
-
-    def start(self) -> None:
-        """Start consuming in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop consuming and wait for the thread."""
-        self._stopping.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._consume()
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                log.error("dead-letter consumer lost the broker, retrying: %r", exc)
-                self._stopping.wait(self.RETRY_SECONDS)
-
-    def _consume(self) -> None:
-        connection = connect(self._url, self._heartbeat)
-        try:
-            channel = connection.channel()
-            channel.basic_qos(prefetch_count=1)
-            declare_topology(channel, self._arches)
-
-            def on_message(
-                ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
-            ) -> None:
-                tag = method.delivery_tag
-                assert tag is not None
-                try:
-                    self._handler(body, dict(props.headers or {}))
-                except Exception:
-                    log.exception("a dead-lettered command could not be handled; requeued")
-                    ch.basic_nack(tag, requeue=True)
-                    self._stopping.wait(self.RETRY_SECONDS)
-                    return
-                ch.basic_ack(tag)
-
-            for queue in self._queues:
-                channel.basic_consume(queue, on_message)
-            log.info("consuming dead letters from %s", ", ".join(self._queues))
-            while channel.is_open and not self._stopping.is_set():
-                connection.process_data_events(time_limit=1)
-        finally:
-            if connection.is_open:
-                connection.close()
-
-
 def properties_for(route: Route, message: Message) -> BasicProperties:
     """AMQP properties in fedora-messaging's wire format."""
     return BasicProperties(
@@ -436,14 +381,28 @@ Publish = Callable[[Route, Message, "str | None"], None]
 class Publisher:
     """Publishes our messages with publisher confirms on one lazily opened connection.
 
-    Not thread-safe (pika is not): give each thread or worker process its own.
+    One per process: calls from several threads take turns (pika is not
+    thread-safe).  A connection found lost is opened again, with short jittered
+    pauses, ``ATTEMPTS`` times in all before :class:`PublishError`; the caller
+    decides what a message the broker did not take means (a 503, a retry later).
     """
+
+    ATTEMPTS = 3
+    PAUSE = 0.5
 
     def __init__(self, url: str, heartbeat: int = 60) -> None:
         self._url = url
         self._heartbeat = heartbeat
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._lock = threading.RLock()
+
+    def _lost(self, attempt: int, exc: Exception) -> None:
+        """Forget a lost connection; raise :class:`PublishError` after the last attempt."""
+        self.close()
+        if attempt == self.ATTEMPTS:
+            raise PublishError(f"the broker is unreachable: {exc!r}") from exc
+        time.sleep(self.PAUSE * attempt * random.uniform(0.5, 1.0))  # noqa: S311 -- jitter
 
     def _open(self) -> BlockingChannel:
         if self._channel is not None and self._channel.is_open:
@@ -463,16 +422,16 @@ class Publisher:
         if not isinstance(message, route.model):
             raise TypeError(f"{route.topic} carries {route.model.__name__}, not {type(message)}")
         body = message.model_dump_json().encode()
-        for attempt in (1, 2):
+        for attempt in range(1, self.ATTEMPTS + 1):
             try:
-                channel = self._open()
-                channel.basic_publish(
-                    EXCHANGE,
-                    route.topic_for(arch),
-                    body,
-                    properties_for(route, message),
-                    mandatory=route.command,
-                )
+                with self._lock:
+                    self._open().basic_publish(
+                        EXCHANGE,
+                        route.topic_for(arch),
+                        body,
+                        properties_for(route, message),
+                        mandatory=route.command,
+                    )
             except pika.exceptions.UnroutableError as exc:
                 raise PublishError(
                     f"no queue takes {route.topic_for(arch)}: is an analyzer for it configured "
@@ -481,9 +440,7 @@ class Publisher:
             except pika.exceptions.NackError as exc:
                 raise PublishError(f"the broker refused {route.topic_for(arch)}") from exc
             except (pika.exceptions.AMQPError, OSError) as exc:
-                self.close()
-                if attempt == 2:
-                    raise PublishError(f"the broker is unreachable: {exc!r}") from exc
+                self._lost(attempt, exc)
                 continue
             return
 
@@ -504,26 +461,57 @@ class Publisher:
         if not isinstance(message, wait.route.model):
             raise TypeError(f"{wait.queue} holds {wait.route.model.__name__}, not {type(message)}")
         body = message.model_dump_json().encode()
-        queue = wait.queue_for(seconds, arch)
-        for attempt in (1, 2):
+        name = wait.queue_for(seconds, arch)
+        props = properties_for(wait.route, message)
+        props.headers = {**(props.headers or {}), **(headers or {})}
+        for attempt in range(1, self.ATTEMPTS + 1):
             try:
-                channel = self._open()
-                declare_wait_queue(channel, wait, seconds, arch)
-                props = properties_for(wait.route, message)
-                props.headers = {**(props.headers or {}), **(headers or {})}
-                channel.basic_publish("", queue, body, props, mandatory=True)
+                with self._lock:
+                    channel = self._open()
+                    declare_wait_queue(channel, wait, seconds, arch)
+                    channel.basic_publish("", name, body, props, mandatory=True)
             except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-                raise PublishError(f"the broker refused to park a message in {queue}") from exc
+                raise PublishError(f"the broker refused to park a message in {name}") from exc
             except (pika.exceptions.AMQPError, OSError) as exc:
-                self.close()
-                if attempt == 2:
-                    raise PublishError(f"the broker is unreachable: {exc!r}") from exc
+                self._lost(attempt, exc)
+                continue
+            return
+
+    def dead_letter(
+        self,
+        route: Route,
+        message: Message,
+        headers: dict[str, Any],
+        arch: str | None = None,
+    ) -> None:
+        """Send the command ``message`` of ``route`` straight to its dead-letter queue,
+        with ``headers`` added: what a handler does that gives up with a reason of its
+        own (a rejection carries none).  Raises :class:`PublishError` unless the broker
+        took it.
+        """
+        if not route.command or not isinstance(message, route.model):
+            raise TypeError(f"{route.topic} has no dead letters of {type(message)}")
+        body = message.model_dump_json().encode()
+        props = properties_for(route, message)
+        props.headers = {**(props.headers or {}), **headers}
+        key = route.topic_for(arch)
+        for attempt in range(1, self.ATTEMPTS + 1):
+            try:
+                with self._lock:
+                    self._open().basic_publish(
+                        DEAD_LETTER_EXCHANGE, key, body, props, mandatory=True
+                    )
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+                raise PublishError(f"the broker refused to dead-letter {key}") from exc
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self._lost(attempt, exc)
                 continue
             return
 
     def close(self) -> None:
         """Close the connection, if open."""
-        connection, self._connection, self._channel = self._connection, None, None
+        with self._lock:
+            connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -553,110 +541,238 @@ class Reject(Exception):
 Handler = Callable[[Delivery], None]
 
 
-class Consumer:
-    """Consumes one route's queues, one message at a time, keeping heartbeats alive.
+Work = Callable[[BasicProperties, Basic.Deliver, bytes], None]
+"""Handles one raw delivery: returning acks it, :class:`Reject` rejects it, any other
+exception requeues it."""
 
-    The handler runs in a worker thread while this thread keeps servicing the
-    connection, so a job of many minutes never starves heartbeats; the worker hands
-    its outcome back with ``add_callback_threadsafe``.  The message is acked when the
-    handler returns; a :class:`Reject` rejects it without requeue (to the dead-letter
-    exchange, where a policy names one); any other exception requeues it for another
-    attempt, here or on another consumer.
+
+class _Subscription:
+    """Queues consumed together, their handler, and the one message it may be running."""
+
+    def __init__(self, name: str, queues: list[str], work: Work) -> None:
+        self.name = name
+        self.queues = queues
+        self.work = work
+        self.busy = False
+        # Quorum queues have no channel-wide prefetch: with one queue per arch, a
+        # second message may arrive while one runs.  It waits here, unacked.
+        self.waiting: deque[tuple[BasicProperties, Basic.Deliver, bytes]] = deque()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    subscription: _Subscription
+    generation: int
+    tag: int
+    error: BaseException | None
+
+
+class Consumer:
+    """The one consumer loop of a process: every queue it consumes, on one connection.
+
+    Commands, dead letters and event subscriptions are each a subscription; each runs
+    its handler in a thread of its own, one message at a time, while this thread
+    keeps servicing the connection, so a job of many minutes never starves
+    heartbeats.  A message is acked when its handler returns; a :class:`Reject`
+    rejects it without requeue (to the dead-letter exchange, where a policy names
+    one); any other exception requeues it for another attempt, here or elsewhere.
+
+    Any loss of the connection or channel (the broker restarting, a connection
+    closed by an operator, a network cut) is survived: the loop reconnects with a
+    capped, jittered backoff, declares what it consumes again and goes on.  The
+    broker requeues whatever was unacked on the lost connection; a handler still
+    running then finishes, but its message is neither acked nor rejected (that
+    delivery is gone), and the subscription takes its next message only after it.
+    Nothing is acked that did not finish.
     """
+
+    BACKOFF_FIRST = 0.5
+    BACKOFF_CAP = 30.0
+    STABLE_AFTER = 30.0
+    """A connection that lived this long resets the backoff."""
 
     def __init__(self, url: str, heartbeat: int, arches: tuple[str, ...]) -> None:
         self._url = url
         self._heartbeat = heartbeat
         self._arches = arches
         self._stopping = threading.Event()
-        self._busy = False
-        # Quorum queues have no channel-wide prefetch: with one queue per arch, a
-        # second message may arrive while one runs.  It waits here, unacked.
-        self._waiting: deque[Callable[[], None]] = deque()
+        self._subscriptions: list[_Subscription] = []
+        self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+        self._generation = 0
+        self._declared = False
+        self._channel: BlockingChannel | None = None
         self.connection: pika.BlockingConnection | None = None
+        self.connected = threading.Event()
+        """Set while the loop holds a connection (for tests and health checks)."""
+        self.reconnects = 0
+        """How many times the loop lost the broker and came back."""
 
-    def stop(self) -> None:
-        """Ask the loop to finish the current message and return."""
-        self._stopping.set()
-
-    def run(self, route: Route, handler: Handler) -> None:
-        """Consume ``route``'s queues (one per configured arch) until :meth:`stop`.
-
-        Messages received but not started when it stops are requeued by the broker.
-        """
-        connection = self.connection = connect(self._url, self._heartbeat)
-        channel = connection.channel()
-        channel.basic_qos(prefetch_count=1)
-        declare_topology(channel, self._arches)
+    def subscribe(self, route: Route, handler: Handler) -> None:
+        """Consume ``route``'s queues (one per configured arch), parsed into a :class:`Delivery`."""
         # A queue without {arch} is one queue, however many arches are configured.
         names = list(dict.fromkeys(route.queue_for(arch) for arch in self._arches))
 
-        def on_message(
-            ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
-        ) -> None:
-            start = partial(self._start, connection, ch, method, props, body, route, handler)
-            if self._busy:
-                self._waiting.append(start)
-            else:
-                start()
+        def work(props: BasicProperties, method: Basic.Deliver, body: bytes) -> None:
+            try:
+                message = parse(route.model, body)
+            except ValueError as exc:
+                log.error("rejecting a malformed %s message: %s", route.topic, exc)
+                raise Reject(f"it is malformed: {exc}") from exc
+            handler(
+                Delivery(
+                    message, bool(method.redelivered), dict(props.headers or {}), props.message_id
+                )
+            )
 
-        for name in names:
-            channel.basic_consume(name, on_message)
+        self._subscriptions.append(_Subscription(route.topic, names, work))
+
+    def subscribe_dead_letters(
+        self, queues: list[str], handler: DeadLetterHandler, retry_seconds: float = 5
+    ) -> None:
+        """Consume dead-letter ``queues`` with ``handler``; one that raises is retried later."""
+
+        def work(props: BasicProperties, _method: Basic.Deliver, body: bytes) -> None:
+            try:
+                handler(body, dict(props.headers or {}))
+            except Exception:
+                log.exception("a dead-lettered message could not be handled; requeued")
+                self._stopping.wait(retry_seconds)  # in the handler's thread, not the loop's
+                raise
+
+        self._subscriptions.append(_Subscription("dead letters", queues, work))
+
+    def stop(self) -> None:
+        """Ask the loop to finish the messages being handled and return."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`, reconnecting whenever the broker goes away."""
+        failures = 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                self._consume(declare_all=not self._declared)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                if time.monotonic() - started > self.STABLE_AFTER:
+                    failures = 0
+                delay = min(self.BACKOFF_CAP, self.BACKOFF_FIRST * 2**failures)
+                delay *= random.uniform(0.5, 1.0)  # noqa: S311 -- jitter, not secrecy
+                failures += 1
+                self.reconnects += 1
+                log.warning("lost the broker (%r); reconnecting in %.1f s", exc, delay)
+                self._stopping.wait(delay)
+                continue
+            finally:
+                self._close()
+            return
+        self._drain_running()
+
+    def _consume(self, *, declare_all: bool) -> None:
+        self._generation += 1
+        connection = self.connection = connect(self._url, self._heartbeat)
+        channel = self._channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        names = [name for s in self._subscriptions for name in s.queues]
+        if declare_all:
+            declare_topology(channel, self._arches)
+            self._declared = True
+        else:
+            declare_queues(channel, self._arches, names)
+        for subscription in self._subscriptions:
+            subscription.waiting.clear()  # their deliveries went back with the old channel
+            for name in subscription.queues:
+                channel.basic_consume(name, partial(self._arrived, subscription))
+        self.connected.set()
         log.info("consuming %s", ", ".join(names))
-        try:
-            while channel.is_open and (self._busy or not self._stopping.is_set()):
-                connection.process_data_events(time_limit=1)
-                while not self._busy and self._waiting and not self._stopping.is_set():
-                    self._waiting.popleft()()
-        finally:
-            self._waiting.clear()
-            if connection.is_open:
-                connection.close()
+        while not self._stopping.is_set() or any(s.busy for s in self._subscriptions):
+            connection.process_data_events(time_limit=1)
+            if not channel.is_open:
+                raise pika.exceptions.ChannelClosed(0, "the channel closed")
+            self._settle()
 
-    def _start(
+    def _arrived(
         self,
-        connection: pika.BlockingConnection,
-        channel: BlockingChannel,
+        subscription: _Subscription,
+        _channel: BlockingChannel,
         method: Basic.Deliver,
         props: BasicProperties,
         body: bytes,
-        route: Route,
-        handler: Handler,
+    ) -> None:
+        if subscription.busy or self._stopping.is_set():
+            subscription.waiting.append((props, method, body))
+        else:
+            self._start(subscription, props, method, body)
+
+    def _start(
+        self,
+        subscription: _Subscription,
+        props: BasicProperties,
+        method: Basic.Deliver,
+        body: bytes,
     ) -> None:
         tag = method.delivery_tag
         assert tag is not None
-        try:
-            message = parse(route.model, body)
-        except ValueError as exc:
-            log.error("rejecting a malformed %s message: %s", route.topic, exc)
-            channel.basic_reject(tag, requeue=False)
-            return
-        delivery = Delivery(
-            message, bool(method.redelivered), dict(props.headers or {}), props.message_id
-        )
+        generation, connection = self._generation, self.connection
 
         def work() -> None:
             error: BaseException | None = None
             try:
-                handler(delivery)
+                subscription.work(props, method, body)
             except BaseException as exc:  # noqa: BLE001 -- handed back to the I/O thread
                 error = exc
-            connection.add_callback_threadsafe(lambda: self._finish(channel, tag, route, error))
+            self._outcomes.put(_Outcome(subscription, generation, tag, error))
+            try:  # wake the loop at once; if that connection is gone, it polls anyway
+                if connection is not None:
+                    connection.add_callback_threadsafe(lambda: None)
+            except (pika.exceptions.AMQPError, RuntimeError):
+                pass
 
-        self._busy = True
-        threading.Thread(target=work, name=f"handler-{tag}", daemon=True).start()
+        subscription.busy = True
+        threading.Thread(target=work, name=f"{subscription.name}-{tag}", daemon=True).start()
 
-    def _finish(
-        self, channel: BlockingChannel, tag: int, route: Route, error: BaseException | None
-    ) -> None:
-        self._busy = False
-        if not channel.is_open:
-            log.error("the channel closed while handling a message; the broker requeues it")
+    def _settle(self) -> None:
+        """Ack, reject or requeue what the handlers finished; start what waits."""
+        while True:
+            try:
+                outcome = self._outcomes.get_nowait()
+            except queue.Empty:
+                break
+            outcome.subscription.busy = False
+            self._answer(outcome)
+        for subscription in self._subscriptions:
+            if not subscription.busy and subscription.waiting and not self._stopping.is_set():
+                self._start(subscription, *subscription.waiting.popleft())
+
+    def _answer(self, outcome: _Outcome) -> None:
+        channel, name, error = self._channel, outcome.subscription.name, outcome.error
+        if outcome.generation != self._generation or channel is None or not channel.is_open:
+            log.warning(
+                "the connection was lost while handling a %s message; the broker requeued it",
+                name,
+            )
         elif error is None:
-            channel.basic_ack(tag)
+            channel.basic_ack(outcome.tag)
         elif isinstance(error, Reject):
-            log.error("rejecting %s: %s", route.topic, error)
-            channel.basic_reject(tag, requeue=False)
+            log.error("rejecting a %s message: %s", name, error)
+            channel.basic_reject(outcome.tag, requeue=False)
         else:
-            log.error("handling %s failed, requeueing: %r", route.topic, error)
-            channel.basic_nack(tag, requeue=True)
+            log.error("handling a %s message failed, requeueing: %r", name, error)
+            channel.basic_nack(outcome.tag, requeue=True)
+
+    def _drain_running(self) -> None:
+        """After the broker is gone for good: wait for running handlers, answer nothing."""
+        while any(s.busy for s in self._subscriptions):
+            try:
+                outcome = self._outcomes.get(timeout=1)
+            except queue.Empty:
+                continue
+            outcome.subscription.busy = False
+
+    def _close(self) -> None:
+        connection, self.connection, self._channel = self.connection, None, None
+        self.connected.clear()
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                log.debug("closing a broken connection", exc_info=True)

@@ -148,18 +148,23 @@ def _worker(store: Store, settings: Settings) -> int:
         publish=publisher.publish,
         gpg_keys=[settings.resolve(k) for k in settings.mirror.gpg_keys],
     )
-    waits = WaitQueues(settings.broker.url, settings.mirror.retry_delays)
+    waits = WaitQueues(publisher, settings.mirror.retry_delays)
     try:
         run_worker(
             settings.broker.url,
             settings.broker.heartbeat,
             settings.analyzer.arches[:1],
             settings.mirror.retry_delays,
-            MirrorHandler(fetcher, waits),
+            MirrorHandler(
+                fetcher,
+                waits,
+                store,
+                settings.mirror.download_attempts,
+                settings.broker.delivery_limit,
+            ),
             MirrorDeadLetters(store, koji_for(settings)),
         )
     finally:
-        waits.close()
         publisher.close()
     return 0
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from schemas.messages import AnalyzeTaskV1, TaskFinishedV1, parse
-from schemas.topology import ANALYZE, EXCHANGE, TASK_FINISHED
+from schemas.topology import ANALYZE, DEAD_LETTER_EXCHANGE, EXCHANGE, TASK_FINISHED
 from services.common.bus import (
     Consumer,
     Delivery,
@@ -18,6 +18,7 @@ from services.common.bus import (
     connect,
     declare_topology,
 )
+from tests.integration.broker import close_connections
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +129,8 @@ def test_a_job_far_longer_than_the_heartbeat_is_acked_on_a_live_connection(
         handled.append(delivery)
         consumer.stop()
 
-    errors = run_in_thread(lambda: consumer.run(ANALYZE, slow_job), timeout=60)
+    consumer.subscribe(ANALYZE, slow_job)
+    errors = run_in_thread(consumer.run, timeout=60)
     assert errors == []
     assert [d.message.task_id for d in handled] == ["task-long01"]  # type: ignore[attr-defined]
     assert not handled[0].redelivered
@@ -155,6 +157,80 @@ def test_a_failed_job_is_requeued_and_a_malformed_body_is_not(broker_url: str) -
             raise RuntimeError("transient")
         consumer.stop()
 
-    assert run_in_thread(lambda: consumer.run(ANALYZE, flaky), timeout=30) == []
+    consumer.subscribe(ANALYZE, flaky)
+    assert run_in_thread(consumer.run, timeout=30) == []
     assert attempts == [False, True]
     assert queue_depth(broker_url, ANALYZE.queue_for("x86_64")) == 0
+
+
+def test_the_consumer_survives_its_connections_being_closed_and_finishes_every_message(
+    make_broker_url: Callable[[], str],
+) -> None:
+    """Every connection of the vhost is closed three times while commands flow and a
+    dead letter waits: the loop reconnects by itself, every command is handled to the
+    end and acked, and none is left."""
+    url = make_broker_url()
+    connection = connect(url)
+    declare_topology(connection.channel(), ("x86_64",))
+    channel = connection.channel()
+    channel.basic_publish(DEAD_LETTER_EXCHANGE, ANALYZE.topic_for("x86_64"), b'{"dead": 1}')
+    connection.close()
+    publisher = Publisher(url)
+    wanted = {f"task-drop{n:02d}" for n in range(6)}
+    for task_id in sorted(wanted):
+        publisher.publish(ANALYZE, AnalyzeTaskV1(task_id=task_id, arch="x86_64"), "x86_64")
+    publisher.close()
+
+    consumer = Consumer(url, heartbeat=5, arches=("x86_64",))
+    finished: list[str] = []
+    dead: list[bytes] = []
+
+    def job(delivery: Delivery) -> None:
+        time.sleep(0.4)
+        finished.append(delivery.message.task_id)  # type: ignore[attr-defined]
+
+    consumer.subscribe(ANALYZE, job)
+    consumer.subscribe_dead_letters(
+        [ANALYZE.dead_letter_queue_for("x86_64")], lambda body, _h: dead.append(body)
+    )
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        for _ in range(3):
+            assert consumer.connected.wait(30), "the consumer did not reconnect"
+            time.sleep(0.6)
+            assert close_connections(url) >= 1
+        deadline = time.monotonic() + 60
+        while not wanted <= set(finished) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert wanted <= set(finished), finished
+        assert consumer.connected.wait(30)
+        assert consumer.reconnects >= 3
+        assert dead == [b'{"dead": 1}']
+        for _ in range(50):  # the last ack may still be on its way
+            if queue_depth(url, ANALYZE.queue_for("x86_64")) == 0:
+                break
+            time.sleep(0.1)
+        assert queue_depth(url, ANALYZE.queue_for("x86_64")) == 0
+        assert queue_depth(url, ANALYZE.dead_letter_queue_for("x86_64")) == 0
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_a_publisher_recovers_when_its_connection_was_closed(
+    make_broker_url: Callable[[], str],
+) -> None:
+    url = make_broker_url()
+    connection = connect(url)
+    declare_topology(connection.channel(), ("x86_64",))
+    connection.close()
+    publisher = Publisher(url)
+    try:
+        publisher.publish(ANALYZE, AnalyzeTaskV1(task_id="task-pub001", arch="x86_64"), "x86_64")
+        assert close_connections(url) == 1
+        publisher.publish(ANALYZE, AnalyzeTaskV1(task_id="task-pub002", arch="x86_64"), "x86_64")
+    finally:
+        publisher.close()
+    assert queue_depth(url, ANALYZE.queue_for("x86_64")) == 2

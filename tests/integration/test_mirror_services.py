@@ -18,6 +18,7 @@ from koji_fedoramessaging_messages.build import BuildStateChangeV1
 from services.common.bus import connect
 from services.common.store import KojiBuild, Store
 from tests.fixtures.build import Fixtures
+from tests.integration.broker import close_connections, connections_of
 from tests.integration.koji_hub import KojiStandIn, build_rpms
 from tests.integration.stack import Stack, pack_problem_dir, wait_build
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.integration
 PREFIX = "org.fedoraproject.prod"
 CRASHER, GLIBC, FILESYSTEM = 201, 202, 203
 IGNORED, DROPPED, LATE, OUTAGE, INTERRUPTED, TAGGED = 204, 205, 206, 207, 208, 209
+RECONNECTED = 210
 
 
 class Mirror:
@@ -173,6 +175,25 @@ def test_an_unknown_build_is_rejected_not_retried(mirror: Mirror) -> None:
     calls = mirror.koji.calls.count("getBuild")
     time.sleep(2)
     assert mirror.koji.calls.count("getBuild") == calls
+
+
+def test_listener_and_worker_survive_their_connections_being_closed(mirror: Mirror) -> None:
+    """Every connection on Koji's broker (the fedora-messaging listener's) and on ours
+    (the worker's consumer, the listener's publisher) is closed; without a restart, the
+    next build Koji announces is mirrored."""
+    mirror.koji.add_build(RECONNECTED, build_rpms(mirror.stack.home.parent, "reconnected", 1))
+    assert close_connections(mirror.koji_broker) >= 1
+    assert close_connections(mirror.stack.broker_url) >= 1
+    # The fedora-messaging consumer is back when Koji's broker lists its connection again.
+    deadline = time.monotonic() + 60
+    while not connections_of(mirror.koji_broker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # its queue consumer is set up just after the connection opens
+    mirror.announce(RECONNECTED, new=1)
+    mirror.wait_build(RECONNECTED, "mirrored", timeout=90)
+    assert mirror.listener.poll() is None
+    assert mirror.worker.poll() is None
+    assert "lost the broker" in (mirror.stack.home / "mirror-worker.log").read_text()
 
 
 def test_builds_completed_while_the_listener_was_down_are_caught_up(mirror: Mirror) -> None:

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from services.common.bus import Publisher
 from services.mirror.verify import NotAnRpm, PayloadDigest
 from services.mirror.worker import WaitQueues
 from tests.fixtures.build import Fixtures
@@ -47,5 +48,5 @@ def test_a_file_that_is_not_an_rpm_is_refused() -> None:
 
 
 def test_retries_wait_longer_each_time_then_keep_the_longest_delay() -> None:
-    waits = WaitQueues("amqp://unused", (15, 60, 300))
+    waits = WaitQueues(Publisher("amqp://unused"), (15, 60, 300))
     assert [waits.delay_for(n) for n in range(1, 6)] == [15, 60, 300, 300, 300]
