@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   gdb elfutils rpm rpm2cpio cpio debugedit gcc make xz-utils curl wget zstd
   createrepo-c dnf debuginfod libkrb5-dev systemd git
-  bubblewrap dwz g++
+  bubblewrap dwz g++ file
 )
 
 say() { printf '==> %s\n' "$*"; }
