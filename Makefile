@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 VENV := .venv/bin
 
-.PHONY: help setup demo stop test lint typecheck unit integration fixtures clean
+.PHONY: help setup demo stop test lint typecheck unit integration faults fixtures clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ unit: ## unit tests only
 
 integration: ## integration tests only (real RabbitMQ, gdb, RPM tools)
 	$(VENV)/pytest -m integration tests
+
+faults: setup ## the fault probes, longer than CI runs them, and their table (README, Reliability)
+	$(VENV)/python -m tests.faults --scale 5
 
 fixtures: ## build the sample RPMs and crash into var/fixtures
 	$(VENV)/python -m tests.fixtures.build --out var/fixtures
