@@ -25,7 +25,6 @@ import hmac
 import os
 import secrets
 import string
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 PASSWORD_LENGTH = 32
@@ -74,14 +73,6 @@ def following(key: bytes, task_id: str, password: str) -> str:
         number, digit = divmod(number, len(TOKEN_ALPHABET))
         digits.append(TOKEN_ALPHABET[digit])
     return "".join(digits)
-
-
-def within(moment: datetime | None, seconds: float) -> bool:
-    """Whether ``moment`` is less than ``seconds`` ago."""
-    if moment is None:
-        return False
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return datetime.now(UTC) - moment < timedelta(seconds=seconds)
 
 
 def server_key(configured: str, spool: Path) -> bytes:
