@@ -30,9 +30,8 @@ def import_rpm(store: Store, repo: Path, path: Path, os_release: str | None = No
     The OS release comes from ``os_release`` or else the package's dist tag;
     with neither, :class:`RpmError` names the file.
     """
-    sha256 = sha256_of(path)
-    index = _read(path, sha256)
-    header = index.header
+    index = _read(path, None)
+    header, sha256 = index.header, index.sha256
     if header.source_rpm is None:
         raise RpmError(f"{path.name} is a source RPM; only binary RPMs are mirrored")
     release = os_release or os_release_of(header.release)

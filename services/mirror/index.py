@@ -38,6 +38,8 @@ class RpmIndex:
     """One sentence per header link that the file it names contradicts."""
     warnings: list[str] = field(default_factory=list)
     """Payload members the reader left out."""
+    sha256: str = ""
+    """The whole file's sha256, read on the way."""
 
 
 def index_rpm(path: Path, sha256: str | None = None) -> RpmIndex:
@@ -68,7 +70,8 @@ def index_rpm(path: Path, sha256: str | None = None) -> RpmIndex:
         if known is not None:
             for name in names:
                 found.setdefault(name, _moved(known, name))
-    result = RpmIndex(reader.header, warnings=reader.warnings)
+    assert reader.sha256 is not None  # the reader closed cleanly
+    result = RpmIndex(reader.header, warnings=reader.warnings, sha256=reader.sha256)
     result.entries = sorted(found.values(), key=lambda e: e.path)
     for link in header_entries(reader.header):
         content = found.get(link.path)
