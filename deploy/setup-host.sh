@@ -62,11 +62,13 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml schemas/pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   say "installing the project into .venv"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[intake,analyzer,mirror,dev]'
+  # schemas/ is a distribution of its own (retrace-server-messages), which the server
+  # depends on by name: both are installed by the one command, so pip takes it from here.
+  .venv/bin/pip install -q -e './schemas[fedora-messaging]' -e '.[intake,analyzer,mirror,dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -103,7 +103,7 @@ def test_messages_carry_fedora_messaging_wire_headers(broker_url: str) -> None:
     assert props.delivery_mode == 2
     assert props.message_id
     assert props.headers is not None
-    assert props.headers["fedora_messaging_schema"] == "schemas.messages:TaskFinishedV1"
+    assert props.headers["fedora_messaging_schema"] == "retrace.task.finished.v1"
     assert props.headers["fedora_messaging_severity"] == 20
     assert props.headers["sent-at"]
     assert parse(TaskFinishedV1, body).task_id == "task-wire01"

@@ -85,6 +85,10 @@ def test_the_spec_builds_an_rpm_of_the_services_in_a_private_prefix(
     assert "/usr/bin/retrace-client" in listing
     assert "/etc/retrace-server/retrace.toml" in listing
     assert {f"/usr/lib/systemd/system/{u.name}" for u in unit_files()} <= set(listing)
+    # The message schemas come as their own distribution, beside the server's.
+    messages = r"/site-packages/retrace_server_messages-[^/]+\.dist-info/entry_points\.txt$"
+    assert [f for f in listing if re.search(messages, f)]
+    assert [f for f in listing if f.endswith("/site-packages/schemas/fedora.py")]
     # Nothing lands in the shared site-packages.
     assert not [f for f in listing if re.match(r"/usr/lib(64)?/python3[^/]*/site-packages/", f)]
 

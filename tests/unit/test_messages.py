@@ -2,6 +2,9 @@
 
 import json
 import re
+import subprocess
+import sys
+from importlib.metadata import requires
 
 import pytest
 from pydantic import ValidationError
@@ -11,6 +14,7 @@ from schemas.messages import (
     Outcome,
     TaskFinishedV1,
     consumer_schema,
+    legacy_schema_name,
     parse,
 )
 from schemas.topology import (
@@ -88,3 +92,38 @@ def test_wait_queues_are_named_in_the_table_and_escape_the_command_policy() -> N
     assert re.fullmatch(pattern, ANALYZE.queue_for("x86_64")) is not None
     assert [s.queue_for() for s in SUBSCRIPTIONS] == ["retrace.analyzer.build-synced"]
     assert all(s.topic in {r.topic for r in ROUTES} and not s.command for s in SUBSCRIPTIONS)
+
+
+def test_every_message_type_has_a_stable_schema_name_of_its_own() -> None:
+    models = {route.model for route in ROUTES}
+    names = {model.schema_name for model in models}
+    assert len(names) == len(models)
+    assert all(re.fullmatch(r"retrace(\.[a-z]+)+\.v[0-9]+", name) for name in names)
+    assert TaskFinishedV1.schema_name == "retrace.task.finished.v1"
+    # What a consumer parses is the same message type, under the same name.
+    body = '{"task_id": "abcdefgh12", "arch": "x86_64", "outcome": "success"}'
+    assert type(parse(TaskFinishedV1, body)).schema_name == "retrace.task.finished.v1"
+    assert legacy_schema_name(TaskFinishedV1) == "schemas.messages:TaskFinishedV1"
+
+
+def test_the_schemas_distribution_needs_pydantic_only_without_its_extra() -> None:
+    plain = [r for r in requires("retrace-server-messages") or [] if "extra ==" not in r]
+    assert [r.split("<")[0].split(">")[0] for r in plain] == ["pydantic"]
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, schemas.messages, schemas.topology; "
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+         "{'fedora_messaging', 'twisted', 'services'}))"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert imported.strip() == "[]"
+
+
+def test_the_intake_and_analyzer_do_not_pull_in_fedora_messaging() -> None:
+    """Only the mirror's extra (its Koji listener) brings fedora-messaging and Twisted."""
+    needed = [
+        r.split(";")[0].strip().lower()
+        for r in requires("retrace-server") or []
+        if "extra ==" not in r or 'extra == "intake"' in r or 'extra == "analyzer"' in r
+    ]
+    assert any(r.startswith("retrace-server-messages") for r in needed)
+    assert not [r for r in needed if "fedora-messaging" in r or "twisted" in r]
