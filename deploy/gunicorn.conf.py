@@ -1,11 +1,15 @@
 # gunicorn settings for a production intake: retrace-intake serve --config deploy/gunicorn.conf.py
 #
 # Built for large, slow uploads behind a TLS-terminating proxy (deploy/nginx-retrace.conf):
-# - gthread workers: each upload in progress holds one thread, not a process, so a few
-#   slow clients do not starve status requests.  The intake bounds an upload's duration
+# - the intake's worker (services/intake/worker.py): gunicorn's gthread, except that idle
+#   connections and request heads still arriving wait in the worker's event loop, not
+#   in a thread, and a connection closed after an answer lingers there too.  An upload
+#   being received holds one thread (blocking reads, decoded in a thread of its own);
+#   a worker takes at most threads - 8 uploads at once (503 beyond), so heartbeats and
+#   status requests always find a thread.  The intake bounds an upload's duration
 #   (intake.upload_timeout_seconds) and the uploads per client address
-#   (intake.max_uploads_per_client); size threads * workers above
-#   max_uploads_per_client * the number of clients you expect at once.
+#   (intake.max_uploads_per_client).  Size (threads - 8) * workers above the uploads
+#   you expect at once, slow ones included.
 # - the body is streamed by the application straight into the spool: nothing here buffers
 #   it, and the proxy must not either (proxy_request_buffering off).
 # - the timeout is the worker's heartbeat, not a limit on one request.
@@ -16,7 +20,7 @@ from services.intake.gunicorn_conf import *  # noqa: F403 -- start from the buil
 
 bind = "127.0.0.1:8000"  # the proxy's upstream; never expose gunicorn directly
 workers = 4  # about one per core
-threads = 16
+threads = 256  # an idle thread costs little; uploads beyond threads - 8 get a 503
 timeout = 120
 graceful_timeout = 900  # let uploads in flight finish on a restart
 keepalive = 5

@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     consumer.subscribe(ANALYZE, handler)
     consumer.subscribe_dead_letters(
         [ANALYZE.dead_letter_queue_for(arch) for arch in settings.analyzer.arches],
-        DeadLetterHandler(store, Spool(settings.spool), publisher.publish),
+        DeadLetterHandler(
+            store,
+            Spool(settings.spool),
+            publisher.publish,
+            publisher.publish_later,
+            settings.analyzer.lease_seconds,
+        ),
     )
     consumer.subscribe(ANALYZER_BUILD_SYNCED, BuildSyncedHandler(store, publisher.publish))
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from schemas.messages import Outcome, TaskFinishedV1
+from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, parse
 from services.analyzer.results import announce_finished
 from services.analyzer.tasklog import TaskLog
+from services.analyzer.worker import MAX_LEASE_WAITS, park_for_lease
 from services.common import progress
-from services.common.bus import Publish
+from services.common.bus import Later, Publish
 from services.common.bus import death_reason as bus_death_reason
 from services.common.spool import LOG, Spool
-from services.common.store import Store, TaskStatus
+from services.common.store import Store, Task, TaskStatus, aware
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,13 @@ def death_reason(headers: dict[str, Any]) -> str:
     return bus_death_reason(headers, _WHY, "the broker dead-lettered the analyze command")
 
 
+def _command_of(body: bytes) -> AnalyzeTaskV1 | None:
+    try:
+        return parse(AnalyzeTaskV1, body)
+    except ValueError:
+        return None
+
+
 def task_id_of(body: bytes) -> str | None:
     """The task a dead-lettered body names, if it names one well enough to trust."""
     try:
@@ -54,10 +62,19 @@ def task_id_of(body: bytes) -> str | None:
 class DeadLetterHandler:
     """Marks the task of one dead-lettered command failed, with its results and event."""
 
-    def __init__(self, store: Store, spool: Spool, publish: Publish) -> None:
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        publish: Publish,
+        later: Later | None = None,
+        lease_seconds: int = 30,
+    ) -> None:
         self._store = store
         self._spool = spool
         self._publish = publish
+        self._later = later
+        self._lease_seconds = lease_seconds
 
     def __call__(self, body: bytes, headers: dict[str, Any]) -> None:
         reason = death_reason(headers)
@@ -69,20 +86,60 @@ class DeadLetterHandler:
         if task is None or task.status.final:
             log.info("dead-lettered task %s is finished, deleted or unknown", task_id)
             return
+        if self._returned_by_lost_connections(body, headers, task):
+            return
         tasklog = TaskLog(task_id)
         tasklog.add(f"Retrace failed: {reason}")
         # A task refused before its upload was spooled has no folder yet.
         self._spool.task_dir(task_id).mkdir(parents=True, exist_ok=True)
-        staged = self._spool.stage_results(task_id, {LOG: tasklog.text()})
+        # Results before state, as the analyzer's own (services.analyzer.worker).
+        folder = self._spool.write_results(task_id, {LOG: tasklog.text()})
         allowed = [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING]
         if not self._store.move_task(
-            task_id, allowed, TaskStatus.FAILURE, progress=progress.FAIL, reason=reason
+            task_id,
+            allowed,
+            TaskStatus.FAILURE,
+            progress=progress.FAIL,
+            reason=reason,
+            results=folder,
         ):
-            shutil.rmtree(staged, ignore_errors=True)
+            self._spool.drop_result(task_id, folder)
             return
-        self._spool.commit_results(task_id, staged)
+        self._spool.drop_results(task_id, keep=folder)
         event = TaskFinishedV1(
             task_id=task_id, arch=task.arch, outcome=Outcome.FAILURE, reason=reason
         )
         announce_finished(self._publish, event, self._spool, task.task_type)
         log.info("dead-lettered task %s failed: %s", task_id, reason)
+
+    def _returned_by_lost_connections(
+        self, body: bytes, headers: dict[str, Any], task: Task
+    ) -> bool:
+        """Whether the broker gave up on a command that only lost connections returned.
+
+        RabbitMQ counts a delivery returned because its connection closed toward the
+        delivery limit, as it counts a failure.  A task a live analyzer still holds
+        (its lease is fresh) has not failed: the command waits a lease's life and
+        comes back, at most :data:`MAX_LEASE_WAITS` times.  Returns whether it waits.
+        """
+        if self._later is None or headers.get("x-first-death-reason") != "delivery_limit":
+            return False
+        command = _command_of(body)
+        fresh_after = datetime.now(UTC) - timedelta(seconds=self._lease_seconds)
+        if (
+            command is None
+            or command.lease_waits >= MAX_LEASE_WAITS
+            or task.status != TaskStatus.RUNNING
+            or task.lease_at is None
+            or aware(task.lease_at) <= fresh_after
+        ):
+            return False
+        park_for_lease(self._later, command, self._lease_seconds)
+        log.warning(
+            "the broker gave up on task %s's command after lost connections while %s "
+            "works on it; the command waits %d s instead of failing the task",
+            task.id,
+            task.lease_owner,
+            self._lease_seconds,
+        )
+        return True

@@ -10,14 +10,12 @@ interactively, in the same sandbox as a retrace.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from services.analyzer.gdb import REPORT_SCRIPT, gdb_argv
-from services.analyzer.rootcache import RootCache
+from services.analyzer.rootcache import RootCache, WorkFolders
 from services.analyzer.sandbox import Sandbox
 from services.common.store import Nevra, Package
 
@@ -86,9 +84,8 @@ def open_shell(
     core = task_dir / "crash" / "coredump"
     if not core.is_file():
         raise ShellError(f"{core} is gone: only debug tasks keep their core")
-    work_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="shell-", dir=work_root))
-    try:
+    # Held like an analyzer's work folder: an analyzer starting meanwhile leaves it be.
+    with WorkFolders(work_root).held("shell") as work:
         root = work / "root"
         with cache.lease(packages):
             for warning in cache.assemble(packages, root):
@@ -110,5 +107,3 @@ def open_shell(
                 preexec_fn=sandbox.limits,
             )
             return done.returncode
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import posixpath
+import secrets
 import shutil
 import tempfile
 import time
@@ -155,6 +156,50 @@ class _Locks:
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held elsewhere
             return False
         return True
+
+
+class WorkFolders:
+    """The work folders of retrace attempts (``<root>/<task>-<random>``), in one folder
+    that every analyzer process of the host shares.
+
+    Each folder is held for its whole life by a lock of its own (an open-file-
+    description lock on one byte of ``<root>/.locks``), taken before the folder is
+    made and given back after it is removed.  The kernel drops a process's locks
+    however it ends, SIGKILL included, so a folder whose lock is free was left by a
+    dead process: :meth:`sweep`, run when an analyzer starts, removes exactly those,
+    never one a live process (another analyzer, a ``retrace-analyzer shell``) holds.
+    """
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self._root = root
+        self._locks = _Locks(root / ".locks")
+
+    @contextmanager
+    def held(self, prefix: str) -> Iterator[Path]:
+        """A new, empty folder named ``<prefix>-<random>``, removed when the block ends."""
+        name = f"{prefix}-{secrets.token_hex(6)}"
+        with self._locks.held([f"work {name}"]):
+            folder = self._root / name
+            folder.mkdir()
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def sweep(self) -> list[str]:
+        """Remove the folders no live process holds; return their names."""
+        removed = []
+        for entry in self._root.iterdir():
+            if entry.name.startswith("."):
+                continue  # the lock file
+            with self._locks.try_exclusive(f"work {entry.name}") as free:
+                if free:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.name)
+        for name in removed:
+            log.info("removed %s, left in %s by an analyzer that died", name, self._root)
+        return removed
 
 
 class RootCache:

@@ -33,7 +33,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exchange_type import ExchangeType
 from pika.spec import Basic, BasicProperties
 
-from schemas.messages import Message, parse
+from schemas.messages import SCHEMA_PACKAGE, Message, parse
 from schemas.topology import (
     COMMAND_POLICY,
     DEAD_LETTER_EXCHANGE,
@@ -360,17 +360,31 @@ DeadLetterHandler = Callable[[bytes, dict[str, Any]], None]
 
 
 def properties_for(route: Route, message: Message) -> BasicProperties:
-    """AMQP properties in fedora-messaging's wire format."""
+    """AMQP properties in fedora-messaging's wire format.
+
+    The schema header is the model's stable ``schema_name`` (``retrace.task.finished.v1``),
+    the name of its ``fedora.messages`` entry point; the package header tells a
+    fedora-messaging consumer without our classes what to install; the ``rpm`` headers
+    are the ones fedora-messaging sets from a message's ``packages``, for filtering.
+    Our own consumers go by the queue, never by this header, so they take messages
+    an older server sent with the old ``module:Class`` name alike.
+    """
+    headers: dict[str, Any] = {
+        "fedora_messaging_schema": message.schema_name,
+        "fedora_messaging_schema_package": SCHEMA_PACKAGE,
+        "fedora_messaging_severity": SEVERITY_INFO,
+        "sent-at": datetime.now(UTC).isoformat(),
+    }
+    for name in message.package_names():
+        key = f"fedora_messaging_rpm_{name}"
+        if len(key.encode()) <= 255:  # a header name is an AMQP short string
+            headers[key] = True
     return BasicProperties(
         content_type="application/json",
         content_encoding="utf-8",
         delivery_mode=2,
         message_id=str(uuid.uuid4()),
-        headers={
-            "fedora_messaging_schema": f"{type(message).__module__}:{type(message).__name__}",
-            "fedora_messaging_severity": SEVERITY_INFO,
-            "sent-at": datetime.now(UTC).isoformat(),
-        },
+        headers=headers,
     )
 
 

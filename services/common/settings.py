@@ -103,6 +103,9 @@ class AnalyzerSettings(_Section):
     # A crash of a build the mirror lacks: ask the mirror for it, wait, retry.
     fetch_wait_seconds: int = Field(default=120, ge=1)
     fetch_attempts: int = Field(default=3, ge=0)
+    # The spool is full (ENOSPC, EDQUOT) when the results are written: retry later.
+    results_retry_seconds: int = Field(default=60, ge=1)
+    lease_seconds: int = Field(default=30, ge=3)
 
 
 class MirrorSettings(_Section):
@@ -128,7 +131,8 @@ class MirrorSettings(_Section):
     gpg_keys: tuple[Path, ...] = ()
     catch_up_interval: int = Field(default=600, ge=1)
     retry_delays: tuple[int, ...] = (15, 60, 300, 1800)
-    download_attempts: int = Field(default=3, ge=1)
+    # Attempts of a build whose downloads are bad, retry_delays apart, before it fails.
+    download_attempts: int = Field(default=5, ge=1)
     delete_on_deleted: bool = False
     eol_releases: tuple[str, ...] = ()
     max_size_gib: float = Field(default=0, ge=0)

@@ -1,15 +1,20 @@
 """The spool: one folder per task, shared by the intake and the analyzers.
 
 ``<spool>/<task_id>/crash/`` holds the unpacked problem directory as uploaded;
-``<spool>/<task_id>/results/`` holds what the analyzer produced (``backtrace``,
-``log``).  Results are written into a fresh folder and renamed into place, so a
-reader never sees half of them.
+``<spool>/<task_id>/results.<attempt>/`` holds what one analyzer attempt produced
+(``backtrace``, ``backtrace.json``, ``log``).  An attempt writes its folder whole
+and syncs it to disk (:meth:`Spool.write_results`) before the guarded update that
+finishes the task names it in the task's row; readers read only the folder the
+row names, so nobody ever sees half a result, or a finished task without one,
+whatever crashes when.  A task finished before the row named its folder has the
+plain ``results/``.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 CRASH = "crash"
@@ -17,6 +22,16 @@ RESULTS = "results"
 BACKTRACE = "backtrace"
 BACKTRACE_JSON = "backtrace.json"
 LOG = "log"
+_OLD_STAGING = ".results-"
+"""Prefix of the staging folders of the version before result folders were named."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Spool:
@@ -33,9 +48,10 @@ class Spool:
         """The unpacked problem directory of the task."""
         return self.task_dir(task_id) / CRASH
 
-    def results_dir(self, task_id: str) -> Path:
-        """The finished results of the task (absent until it has some)."""
-        return self.task_dir(task_id) / RESULTS
+    def results_dir(self, task_id: str, folder: str | None) -> Path:
+        """The result folder ``folder`` of the task, as its row names it (``None``: the
+        plain ``results`` of a task finished before the row named its folder)."""
+        return self.task_dir(task_id) / (folder or RESULTS)
 
     def create(self, task_id: str) -> Path:
         """Make the task's folders; return the crash directory to fill."""
@@ -43,31 +59,54 @@ class Spool:
         crash.mkdir(parents=True, exist_ok=False)
         return crash
 
-    def stage_results(self, task_id: str, files: dict[str, str]) -> Path:
-        """Write result files into a staging folder of their own; see :meth:`commit_results`.
+    def write_results(self, task_id: str, files: dict[str, str]) -> str:
+        """Write ``files`` into a new result folder of the task, on disk; return its name.
 
-        Each attempt stages separately, so two attempts never mix their files.
+        The files, the folder and its entry in the task's folder are synced before
+        this returns, so the guarded update that names the folder may follow: after a
+        crash at any moment a row names either no folder or a complete one.  Each
+        attempt writes a folder of its own, so two attempts never mix their files.
+        Raises :class:`OSError` (``ENOSPC``, ``EDQUOT`` ...) with nothing left behind.
         """
-        staging = Path(tempfile.mkdtemp(prefix=".results-", dir=self.task_dir(task_id)))
+        task_dir = self.task_dir(task_id)
+        name = f"{RESULTS}.{secrets.token_hex(8)}"
+        folder = task_dir / name
+        folder.mkdir()
         try:
-            for name, text in files.items():
-                (staging / name).write_text(text, encoding="utf-8")
+            for file_name, text in files.items():
+                with (folder / file_name).open("w", encoding="utf-8") as out:
+                    out.write(text)
+                    out.flush()
+                    os.fsync(out.fileno())
+            _fsync_dir(folder)
+            _fsync_dir(task_dir)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
             raise
-        return staging
+        return name
 
-    def commit_results(self, task_id: str, staging: Path) -> None:
-        """Make staged results the task's results, all at once."""
-        final = self.results_dir(task_id)
-        if final.exists():
-            shutil.rmtree(final)
-        staging.replace(final)
-
-    def read_result(self, task_id: str, name: str) -> bytes | None:
-        """One result file's content, or ``None`` if it does not exist."""
+    def drop_results(self, task_id: str, keep: str | None = None) -> None:
+        """Remove every result folder of the task but ``keep``: those of superseded
+        attempts (a crashed one, a duplicate that lost), or of an attempt whose
+        update found the task finished or deleted (``keep=None`` removes all)."""
         try:
-            return (self.results_dir(task_id) / name).read_bytes()
+            entries = list(self.task_dir(task_id).iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            name = entry.name
+            ours = name == RESULTS or name.startswith((f"{RESULTS}.", _OLD_STAGING))
+            if ours and name != keep:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def drop_result(self, task_id: str, folder: str) -> None:
+        """Remove one attempt's result folder (one whose update did not win)."""
+        shutil.rmtree(self.task_dir(task_id) / folder, ignore_errors=True)
+
+    def read_result(self, task_id: str, folder: str | None, name: str) -> bytes | None:
+        """One file of the task's result folder ``folder``, or ``None`` if it does not exist."""
+        try:
+            return (self.results_dir(task_id, folder) / name).read_bytes()
         except FileNotFoundError:
             return None
 

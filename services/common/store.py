@@ -47,6 +47,13 @@ tasks = sa.Table(
     sa.Column("previous_digest", sa.String(64)),
     sa.Column("rotated_at", sa.DateTime(timezone=True)),
     sa.Column("previous_replays", sa.Integer, nullable=False, server_default="0"),
+    # The folder of the task's results in its spool folder, named by the update that
+    # finished the task, once its files were on disk (migration 0510).
+    sa.Column("results", sa.String(64)),
+    # The analyzer working on a running task ("host:pid") and when it last said so
+    # (migration 0530).
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_at", sa.DateTime(timezone=True)),
 )
 
 # Wrong passwords per task and client address, in a window, so every worker agrees.
@@ -67,6 +74,12 @@ uploads = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("client", sa.String(64), nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    # The upload's lease (migration 0520): the spool folder it fills, the intake worker
+    # receiving it (host, pid) and when that worker last said it still was.
+    sa.Column("task_id", sa.String(64)),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("renewed_at", sa.DateTime(timezone=True)),
 )
 
 packages = sa.Table(
@@ -211,6 +224,10 @@ class SchemaMismatch(Exception):
     """The database is not at the revision this code was written for."""
 
 
+class PackageConflict(ValueError):
+    """A different file is already recorded under the same NEVRA and release."""
+
+
 @dataclass(frozen=True)
 class Task:
     """One row of ``tasks``."""
@@ -230,6 +247,21 @@ class Task:
     previous_digest: str | None = None
     rotated_at: datetime | None = None
     previous_replays: int = 0
+    results: str | None = None
+    """The folder of its results in its spool folder (``None``: none, or the plain
+    ``results`` of a task finished before migration 0510)."""
+    lease_owner: str | None = None
+    lease_at: datetime | None = None
+
+    def held_by_other(self, owner: str, fresh_after: datetime) -> bool:
+        """Whether another live analyzer works on this task (its lease is fresh)."""
+        return (
+            self.status == TaskStatus.RUNNING
+            and self.lease_owner is not None
+            and self.lease_owner != owner
+            and self.lease_at is not None
+            and aware(self.lease_at) > fresh_after
+        )
 
 
 @dataclass(frozen=True)
@@ -431,6 +463,48 @@ class Store:
                 .values(**values)
             )
         return result.rowcount == 1
+
+    def renew_lease(self, task_id: str, owner: str) -> bool:
+        """Say again that ``owner`` works on running task ``task_id``; whether it still does."""
+        with self._tx() as conn:
+            done = conn.execute(
+                tasks.update()
+                .where(
+                    tasks.c.id == task_id,
+                    tasks.c.status == TaskStatus.RUNNING,
+                    tasks.c.lease_owner == owner,
+                )
+                .values(lease_at=_utcnow())
+            )
+        return done.rowcount == 1
+
+    def release_lease(self, task_id: str, owner: str) -> None:
+        """``owner`` no longer works on ``task_id`` (it finished, failed or gave it back)."""
+        with self._tx() as conn:
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.lease_owner == owner)
+                .values(lease_owner=None, lease_at=None)
+            )
+
+    def requeue_task(self, task_id: str, progress: str) -> bool:
+        """Put a running task back to ``queued`` for a retry later; whether it was running.
+
+        A task that once waited for its build is made wakeable again, so that the
+        retry's own copy of its command may run it (see :meth:`wake_task`).
+        """
+        with self._tx() as conn:
+            moved = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.RUNNING)
+                .values(status=TaskStatus.QUEUED, progress=progress)
+            )
+            if moved.rowcount != 1:
+                return False
+            conn.execute(
+                task_fetches.update().where(task_fetches.c.task_id == task_id).values(woken_by=None)
+            )
+        return True
 
     def set_progress(self, task_id: str, progress: str) -> None:
         """Record the one-line progress shown by ``GET /<id>``."""
@@ -666,6 +740,76 @@ class Store:
             result = conn.execute(uploads.delete().where(uploads.c.started_at < before))
         return result.rowcount
 
+    def begin_leased_upload(
+        self,
+        upload_id: str,
+        client: str,
+        task_id: str,
+        holder: tuple[str, int],
+        lease_since: datetime,
+        since: datetime,
+    ) -> int:
+        """Record an upload from ``client`` into the spool folder ``task_id``, received by
+        ``holder`` (host, pid), its lease renewed now.  Return how many of the client's
+        uploads are in flight, this one included: those whose lease was renewed at or
+        after ``lease_since``, and those without a lease begun at or after ``since``."""
+        host, pid = holder
+        now = _utcnow()
+        with self._tx() as conn:
+            conn.execute(
+                uploads.insert().values(
+                    id=upload_id,
+                    client=client,
+                    started_at=now,
+                    task_id=task_id,
+                    host=host,
+                    pid=pid,
+                    renewed_at=now,
+                )
+            )
+            live = sa.or_(
+                uploads.c.renewed_at >= lease_since,
+                sa.and_(uploads.c.renewed_at.is_(None), uploads.c.started_at >= since),
+            )
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(uploads.c.client == client, live)
+                ).scalar_one()
+            )
+
+    def renew_uploads(self, holder: tuple[str, int]) -> int:
+        """Renew the leases of every upload ``holder`` (host, pid) receives; how many."""
+        host, pid = holder
+        with self._tx() as conn:
+            result = conn.execute(
+                uploads.update()
+                .where(uploads.c.host == host, uploads.c.pid == pid)
+                .values(renewed_at=_utcnow())
+            )
+        return result.rowcount
+
+    def uploads_to_release(
+        self, expired_before: datetime, holder: tuple[str, int] | None = None
+    ) -> list[tuple[str, str | None]]:
+        """(upload id, spool folder) of the uploads whose lease was last renewed before
+        ``expired_before``, or, with ``holder``, of every upload that holder received."""
+        if holder is None:
+            which = uploads.c.renewed_at < expired_before
+        else:
+            which = sa.and_(uploads.c.host == holder[0], uploads.c.pid == holder[1])
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(uploads.c.id, uploads.c.task_id).where(which)).all()
+        return [(row.id, row.task_id) for row in rows]
+
+    def release_upload(self, upload_id: str, expired_before: datetime | None = None) -> bool:
+        """Forget an upload whose receiver is gone; with ``expired_before``, only if its
+        lease is still older than that (its receiver did not renew it meanwhile)."""
+        query = uploads.delete().where(uploads.c.id == upload_id)
+        if expired_before is not None:
+            query = query.where(uploads.c.renewed_at < expired_before)
+        with self._tx() as conn:
+            return conn.execute(query).rowcount > 0
+
     # -- packages and build-ids -----------------------------------------------
 
     def add_package(
@@ -683,7 +827,8 @@ class Store:
         """Record a package, the build it came from and its build-id entries.
 
         Idempotent: importing the same package again returns the existing row and
-        ``False``; a different file under the same NEVRA and release is refused.
+        ``False``; a different file under the same NEVRA and release is refused
+        (:class:`PackageConflict`).
         """
         key = (
             packages.c.os_release == os_release,
@@ -697,7 +842,7 @@ class Store:
             row = conn.execute(packages.select().where(*key)).mappings().first()
             if row is not None:
                 if row["sha256"] != sha256:
-                    raise ValueError(
+                    raise PackageConflict(
                         f"{nevra} for {os_release} is already mirrored with a different "
                         f"content (sha256 {row['sha256']}, this file {sha256})"
                     )

@@ -26,10 +26,11 @@ from services.intake.health import (
     LbHeartbeatResource,
     VersionResource,
 )
+from services.intake.leases import Leases
 from services.intake.metrics import Metrics, MetricsMiddleware, MetricsResource
 from services.intake.openapi import OpenApiResource
 from services.intake.tasks import TaskResource
-from services.intake.upload import MIB, FreeSpace
+from services.intake.upload import MIB, FreeSpace, Opener, open_new
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,16 @@ def create_app(
     free_space: FreeSpace = disk_free,
     broker: BrokerProbe | None = None,
     metrics: Metrics | None = None,
+    opener: Opener = open_new,
+    leases: Leases | None = None,
+    upload_slots: int | None = None,
 ) -> falcon.App[falcon.Request, falcon.Response]:
-    """The intake application, wired to the collaborators it is given."""
+    """The intake application, wired to the collaborators it is given.
+
+    ``opener`` makes the files of an upload; ``leases`` records uploads in flight
+    (a :class:`Leases` that is not started by default); ``upload_slots`` caps the
+    uploads this process receives at once.
+    """
     limits = settings.intake
     metrics = metrics or Metrics()
     broker = broker or _Unprobed()
@@ -100,7 +109,18 @@ def create_app(
     publishing = Publishing(publish)
     app.add_route(
         "/create",
-        CreateResource(settings, store, spool, publishing, new_id, free_space, metrics),
+        CreateResource(
+            settings,
+            store,
+            spool,
+            publishing,
+            new_id,
+            free_space,
+            metrics,
+            opener,
+            leases,
+            upload_slots,
+        ),
     )
     app.add_route("/settings", SettingsResource(limits, store))
     mirror = (

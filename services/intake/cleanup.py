@@ -20,6 +20,7 @@ from services.common.bus import Publish, PublishError
 from services.common.settings import IntakeSettings
 from services.common.spool import Spool
 from services.common.store import Store, TaskStatus
+from services.intake.leases import sweep_expired
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,15 @@ class Report:
     republished: list[str] = field(default_factory=list)
     abandoned: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    released_uploads: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the log and the terminal."""
         return (
             f"expired {len(self.expired)}, debug cores removed "
             f"{len(self.debug_cores_removed)}, republished {len(self.republished)}, "
-            f"abandoned {len(self.abandoned)}, leftover folders {len(self.leftovers)}"
+            f"abandoned {len(self.abandoned)}, leftover folders {len(self.leftovers)}, "
+            f"dead workers' uploads {len(self.released_uploads)}"
         )
 
 
@@ -75,6 +78,8 @@ class Cleanup:
                     shutil.rmtree(crash, ignore_errors=True)
                     report.debug_cores_removed.append(task.id)
         self._stuck(now, report)
+        # Uploads whose intake worker died (its lease expired): their rows and folders.
+        report.released_uploads = sweep_expired(self._store, self._spool)
         self._leftovers(report)
         self._store.forget_password_failures(
             now - timedelta(seconds=self._settings.wrong_password_window_seconds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from services.common.store import Store, TaskStatus
 from services.intake import passwords
 from services.intake.clients import client_address
 from services.intake.errors import Refusal
+from services.intake.leases import Leases
 from services.intake.metrics import Metrics
 from services.intake.upload import (
     DECODERS,
@@ -35,7 +37,10 @@ from services.intake.upload import (
     Body,
     FreeSpace,
     Limits,
+    Opener,
     check_free_space,
+    disk_full_refused,
+    open_new,
     receive,
 )
 
@@ -89,6 +94,9 @@ class CreateResource:
         new_id: Callable[[], str],
         free_space: FreeSpace = disk_free,
         metrics: Metrics | None = None,
+        opener: Opener = open_new,
+        leases: Leases | None = None,
+        upload_slots: int | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -97,8 +105,43 @@ class CreateResource:
         self._new_id = new_id
         self._free_space = free_space
         self._metrics = metrics or Metrics()
+        self._open = opener
+        self._leases = leases or Leases(store, spool)
+        # Uploads this process receives at once (None: no cap of its own).
+        self._slots = threading.BoundedSemaphore(upload_slots) if upload_slots else None
+        self._slot_count = upload_slots
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            if self._slots is None:
+                self._create(req, resp)
+                return
+            # An upload holds a thread of its worker while it is received: a worker
+            # whose upload slots are taken refuses more at once, so that its other
+            # threads stay free for status requests and heartbeats.
+            if not self._slots.acquire(blocking=False):
+                raise Refusal(
+                    503,
+                    f"this server is receiving {self._slot_count} uploads at once already; "
+                    "try again later",
+                    {"Retry-After": "10"},
+                    code="upload_slots",
+                )
+            try:
+                self._create(req, resp)
+            finally:
+                self._slots.release()
+        except Refusal as refusal:
+            body: Body | None = getattr(req.context, "upload_body", None)
+            if (body is None or body.received == 0) and (req.content_length or 0) > 0:
+                # Refused before a byte of the body was read (too many uploads, no
+                # space, busy): answer at once instead of reading a body we do not
+                # want, and close the connection; the server lingers a bounded time
+                # reading, so the client sees the answer, not a reset.
+                refusal.headers["Connection"] = "close"
+            raise
+
+    def _create(self, req: falcon.Request, resp: falcon.Response) -> None:
         limits = self._settings.intake
         task_type = task_type_of(req.get_header("X-Task-Type"))
         if self._store.count_tasks(ACTIVE) >= limits.max_running_tasks:
@@ -138,13 +181,14 @@ class CreateResource:
             ),
             req.env.get("gunicorn.socket"),
         )
+        req.context.upload_body = body
         upload_id = self._new_id()
         try:
             task_id, password, arch = self._receive(req, body, upload_id, content_type, task_type)
         except Refusal as refusal:
             if refusal.code == "timeout":
                 body.abandon()
-            else:
+            elif body.received:
                 body.drain()
             raise
         finally:
@@ -174,18 +218,24 @@ class CreateResource:
         )
         client = client_address(req, limits.trusted_proxies)
         since = datetime.now(UTC) - timedelta(seconds=limits.upload_timeout_seconds)
-        if self._store.begin_upload(upload_id, client, since) > limits.max_uploads_per_client:
+        # The row (with this worker's lease) names the folder before the folder exists,
+        # so a worker killed at any point leaves nothing a sweep would not find.
+        task_id = self._new_id()
+        in_flight = self._leases.begin(upload_id, client, task_id, since)
+        if in_flight > limits.max_uploads_per_client:
             raise Refusal(
                 429,
                 f"{client} already has {limits.max_uploads_per_client} uploads in progress",
                 {"Retry-After": "30"},
                 code="client_uploads",
             )
-        task_id = self._new_id()
-        crash_dir = self._spool.create(task_id)
+        with disk_full_refused("making the task's folder"):
+            crash_dir = self._spool.create(task_id)
         recorded = False
         try:
-            crash = receive(body, content_type, crash_dir, body.limits, self._free_space)
+            crash = receive(
+                body, content_type, crash_dir, body.limits, self._free_space, self._open
+            )
             if crash.arch not in limits.arches:
                 raise Refusal(
                     400,

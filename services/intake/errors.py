@@ -28,7 +28,7 @@ class Refusal(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
         self.code = code or str(status)
 
 

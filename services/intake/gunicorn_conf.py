@@ -3,9 +3,13 @@
 overrides single settings.
 
 Uploads are large and may be slow (a 50 MiB core over a poor link takes minutes):
-threaded workers keep a slow client from holding a whole process, and the intake
-itself bounds each upload's duration and the uploads per client address.  The
-timeout is the worker's heartbeat to the master, not a cap on one request.
+the worker (services/intake/worker.py) is gunicorn's gthread that waits for request
+heads in its event loop, so idle and slow sockets hold no thread until a request has
+come; an upload being received holds one thread (it is read with blocking reads and
+decoded in a thread of its own), and a worker takes at most ``threads - 8`` uploads at
+once, so heartbeats and status requests always find a thread.  The intake itself
+bounds each upload's duration and the uploads per client address.  The timeout is the
+worker's heartbeat to the master, not a cap on one request.
 """
 
 import os
@@ -15,9 +19,10 @@ from typing import Any
 
 bind = os.environ.get("RETRACE_INTAKE_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("RETRACE_INTAKE_WORKERS", "2"))
-worker_class = "gthread"
-# One thread per upload or status request in progress; a slow upload holds one thread.
-threads = int(os.environ.get("RETRACE_INTAKE_THREADS", "8"))
+worker_class = "services.intake.worker.IntakeWorker"
+# One thread per request being served; an upload being received holds one for its
+# whole length, idle sockets and request heads still coming hold none.
+threads = int(os.environ.get("RETRACE_INTAKE_THREADS", "256"))
 timeout = 120
 graceful_timeout = 60
 keepalive = 5
@@ -45,11 +50,22 @@ def on_starting(_server: Any) -> None:
         os.environ["RETRACE_INTAKE_OWN_METRICS_DIR"] = "1"
 
 
+def post_fork(_server: Any, worker: Any) -> None:
+    """Tell the worker's intake how many uploads it may receive at once."""
+    from services.intake.worker import UPLOAD_SLOTS, upload_slots  # noqa: PLC0415
+
+    os.environ[UPLOAD_SLOTS] = str(upload_slots(worker.cfg.threads))
+
+
 def child_exit(_server: Any, worker: Any) -> None:
-    """A worker's gauges die with it; its counters stay in the sums."""
+    """A worker's gauges die with it; its counters stay in the sums.  The uploads it
+    was receiving are let go at once (their rows, their partial folders)."""
     from prometheus_client import multiprocess  # noqa: PLC0415 -- only in gunicorn
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    from services.intake.leases import release_dead_worker  # noqa: PLC0415 -- only in gunicorn
+
+    release_dead_worker(worker.pid)
 
 
 def on_exit(_server: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import falcon
 
@@ -13,6 +14,8 @@ from services.common.spool import Spool
 from services.common.store import Store
 from services.intake.app import create_app
 from services.intake.health import AmqpProbe
+from services.intake.leases import Leases
+from services.intake.worker import UPLOAD_SLOTS
 
 
 def build_app() -> falcon.App[falcon.Request, falcon.Response]:
@@ -25,4 +28,18 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     logging.getLogger(__name__).info("intake ready; spool %s", settings.spool)
     probe = AmqpProbe(settings.broker.url, settings.intake.arches)
-    return create_app(settings, store, Spool(settings.spool), publisher.publish, broker=probe)
+    spool = Spool(settings.spool)
+    # Renews this worker's upload leases and sweeps those of dead workers.
+    leases = Leases(store, spool)
+    leases.start()
+    # Set in each worker by the gunicorn config (services/intake/gunicorn_conf.py).
+    slots = os.environ.get(UPLOAD_SLOTS)
+    return create_app(
+        settings,
+        store,
+        spool,
+        publisher.publish,
+        broker=probe,
+        leases=leases,
+        upload_slots=int(slots) if slots else None,
+    )

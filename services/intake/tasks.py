@@ -126,7 +126,9 @@ class TaskResource:
         resp.headers.pop("x-task-password", None)
 
     def _send(self, resp: falcon.Response, task: Task, name: str, missing: str) -> None:
-        data = self._spool.read_result(task.id, name) if task.status.final else None
+        # Only the folder the row names: written whole and synced before the update
+        # that finished the task named it.
+        data = self._spool.read_result(task.id, task.results, name) if task.status.final else None
         if data is None:
             raise Refusal(404, missing, code="no_result")
         resp.content_type = falcon.MEDIA_TEXT

@@ -10,8 +10,10 @@ of the spool is looked at again every few MiB written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import lzma
+import os
 import queue
 import re
 import socket
@@ -19,7 +21,7 @@ import tarfile
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, cast
@@ -85,6 +87,34 @@ class Limits:
 
 FreeSpace = Callable[[Path], int]
 
+Opener = Callable[[Path], IO[bytes]]
+"""Makes a new file for writing (never one that exists), e.g. :func:`open_new`."""
+
+
+def open_new(path: Path) -> IO[bytes]:
+    """A new file at ``path``, opened for writing; an existing one is an error."""
+    return path.open("xb")
+
+
+# A full disk, or a full quota (on a shared spool, the intake's user may have one).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_refused(doing: str) -> Iterator[None]:
+    """Turn running out of disk space or quota while ``doing`` into a 507 saying so."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise Refusal(
+            507,
+            f"the server ran out of disk space while {doing} ({os.strerror(exc.errno)}); "
+            "try again later",
+            code="disk_full",
+        ) from exc
+
 
 class ClientSocket(Protocol):
     """The client's socket (gunicorn's ``gunicorn.socket``), for timeouts and shutdown."""
@@ -128,6 +158,17 @@ class Body:
         self.received += len(data)
         return data
 
+    def finish(self) -> None:
+        """Read what is left of the declared body once the archive has ended.
+
+        A body shorter than its Content-Length is refused (400), even when the archive
+        in it happens to be complete; zero bytes after the archive (padding) are
+        dropped, anything else is refused as data after its end.
+        """
+        while data := self.read(PIECE):
+            if data.strip(b"\0"):
+                raise _after_end()
+
     def drain(self) -> None:
         """Read and drop the rest of the declared body, within the upload's deadline, so
         that the client reads our answer instead of a reset connection."""
@@ -170,6 +211,10 @@ class _Decoded(io.RawIOBase):
         return len(data)
 
 
+def _after_end() -> Refusal:
+    return Refusal(400, "the archive has data after its end", code="corrupt")
+
+
 def _truncated(kind: str) -> Refusal:
     return Refusal(400, f"the {kind} archive is truncated or corrupt", code="corrupt")
 
@@ -197,6 +242,8 @@ def _xz(body: Body, memory: int) -> Callable[[int], bytes]:
                 raise Refusal(400, f"the xz archive is corrupt: {exc}", code="corrupt") from exc
             if out:
                 return out
+        if decoder.unused_data.strip(b"\0"):
+            raise _after_end()
         return b""
 
     return read
@@ -221,6 +268,8 @@ def _gzip(body: Body, _memory: int) -> Callable[[int], bytes]:
             more = len(out) == size
             if out:
                 return out
+        if decoder.unused_data.strip(b"\0"):
+            raise _after_end()
         return b""
 
     return read
@@ -327,24 +376,33 @@ class Crash:
 
 
 def receive(
-    body: Body, content_type: str, dest: Path, limits: Limits, free_space: FreeSpace
+    body: Body,
+    content_type: str,
+    dest: Path,
+    limits: Limits,
+    free_space: FreeSpace,
+    opener: Opener = open_new,
 ) -> Crash:
     """Unpack the archive of ``body`` into ``dest`` and check the problem directory.
 
     Raises :class:`Refusal` naming what was wrong; ``dest`` may then hold a part
-    of the upload, which the caller removes.
+    of the upload, which the caller removes.  Every file is made by ``opener``.
     """
     prefetch = _Prefetch(DECODERS[content_type](body, limits.decoder_memory))
     try:
-        return _unpack(_Decoded(prefetch.read), dest, limits, free_space)
+        crash = _unpack(_Decoded(prefetch.read), dest, limits, free_space, opener)
     finally:
         # Nobody else may read the body (to drain it) while the decoder thread does.
         prefetch.stop()
+    body.finish()
+    return crash
 
 
-def _unpack(decoded: _Decoded, dest: Path, limits: Limits, free_space: FreeSpace) -> Crash:
+def _unpack(
+    decoded: _Decoded, dest: Path, limits: Limits, free_space: FreeSpace, opener: Opener
+) -> Crash:
     seen: set[str] = set()
-    writer = _Writer(dest, limits, free_space)
+    writer = _Writer(dest, limits, free_space, opener)
     try:
         with tarfile.open(fileobj=io.BufferedReader(decoded, CHUNK), mode="r|") as tar:
             for member in tar:
@@ -371,10 +429,13 @@ def _unpack(decoded: _Decoded, dest: Path, limits: Limits, free_space: FreeSpace
 class _Writer:
     """Writes members into the crash directory, counting every limit as bytes land."""
 
-    def __init__(self, dest: Path, limits: Limits, free_space: FreeSpace) -> None:
+    def __init__(
+        self, dest: Path, limits: Limits, free_space: FreeSpace, opener: Opener = open_new
+    ) -> None:
         self._dest = dest
         self.limits = limits
         self._free_space = free_space
+        self._open = opener
         self._total = 0
         self._since_check = 0
 
@@ -387,7 +448,9 @@ class _Writer:
         cap = ACCEPTED_FILES[name]
         if cap and size > cap:
             raise Refusal(403, f"file '{name}' is {size} bytes; at most {cap}", code="file_cap")
-        with (self._dest / name).open("xb") as out:
+        # Other uploads fill the same disk between two looks at its free space: running
+        # out while writing (or flushing, at close) is a 507 too.
+        with disk_full_refused(f"writing '{name}'"), self._open(self._dest / name) as out:
             while chunk := source.read(CHUNK):
                 self._total += len(chunk)
                 if self._total > self.limits.max_unpacked:

@@ -5,6 +5,9 @@ queue's policy dead-letters it: after the delivery limit (workers kept dying on
 it) or at once when a worker rejected it (unreadable, or a build Koji does not
 have).  The build is recorded as ``failed`` with the reason from ``x-death``, so
 ``/metrics`` and the store show it instead of the build silently never arriving.
+A worker that gives up on a command itself (its downloads kept being bad, an
+unexpected error on every delivery) sends it here with its own reason in the
+:data:`REASON_HEADER` header, which is recorded instead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 FAILED = "failed"
 """The ``koji_builds`` state of a build whose mirror command was dead-lettered."""
 
+REASON_HEADER = "x-retrace-reason"
+"""The reason a worker that dead-lettered a command itself gave."""
+
 _WHY = {
     "delivery_limit": "the mirror command was given up after its worker stopped on every attempt",
     "rejected": "the mirror command was refused (unreadable, or a build Koji does not have)",
@@ -32,7 +38,13 @@ _WHY = {
 
 
 def mirror_death_reason(headers: dict[str, Any]) -> str:
-    """One plain sentence from a dead-lettered mirror command's ``x-death`` header."""
+    """One plain sentence from a dead-lettered mirror command's headers: the worker's own
+    reason if it gave one, else the broker's from ``x-death``."""
+    own = headers.get(REASON_HEADER)
+    if isinstance(own, bytes):
+        own = own.decode(errors="replace")
+    if isinstance(own, str) and own:
+        return own
     return death_reason(headers, _WHY, "the broker dead-lettered the mirror command")
 
 

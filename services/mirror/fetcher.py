@@ -15,9 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,15 @@ INCOMING = ".incoming"
 
 
 class BadDownload(Exception):
-    """A downloaded file does not match Koji's record of it."""
+    """A download that is not the file Koji recorded: not an RPM (an error page served
+    with 200), cut short, of another size, or failing its payload hash or signature.
+    Nothing of it is placed; the command is retried later (``mirror.retry_delays``),
+    ``mirror.download_attempts`` times in all."""
+
+
+class NotSignedYet(Exception):
+    """Signatures are required and Koji has no copy signed with a configured key yet:
+    not a bad download, a wait (Koji signs builds when they are tagged for release)."""
 
 
 class UnknownBuild(Exception):
@@ -71,7 +78,6 @@ class Fetcher:
         koji: KojiHub,
         publish: Publish,
         http: requests.Session | None = None,
-        sleep: Callable[[float], None] = time.sleep,
         gpg_keys: Sequence[Path] = (),
     ) -> None:
         self._store = store
@@ -80,7 +86,6 @@ class Fetcher:
         self._koji = koji
         self._publish = publish
         self._http = http or requests.Session()
-        self._sleep = sleep
         self._gpg_keys = tuple(gpg_keys)
         self._keyring: Path | None = None
 
@@ -89,8 +94,10 @@ class Fetcher:
     def handle(self, command: MirrorBuildV1) -> Synced:
         """Carry out one command.
 
-        Raises :class:`KojiUnavailable` or :class:`BadDownload` when trying again
-        later may succeed, :class:`UnknownBuild` or :class:`KojiError` when it never will.
+        Raises :class:`KojiUnavailable`, :class:`NotSignedYet` or :class:`BadDownload`
+        when trying again later may succeed; :class:`UnknownBuild`, :class:`KojiError`,
+        :class:`~services.common.store.PackageConflict` or
+        :class:`~services.common.rpm.RpmError` when it never will.
         """
         build = self._koji.build(command.build)
         if build is None:
@@ -202,7 +209,7 @@ class Fetcher:
         # Koji writes signing keys in lower case, in its records and in its paths.
         sigkey = next((k.lower() for k in self._settings.sigkeys if k.lower() in sigkeys), None)
         url = self._koji.rpm_url(build, rpm, sigkey)
-        staged = self._download_checked(url, rpm, signed=sigkey is not None)
+        staged = self._download(url, rpm, signed=sigkey is not None)
         try:
             done = import_rpm(self._store, self._repo, staged, release)
         finally:
@@ -211,25 +218,15 @@ class Fetcher:
 
     # -- downloads --------------------------------------------------------------
 
-    def _download_checked(self, url: str, rpm: KojiRpm, signed: bool) -> Path:
-        """Download ``url`` into the repository's incoming folder until it matches Koji."""
-        attempts = self._settings.download_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._download(url, rpm, signed)
-            except BadDownload as exc:
-                log.warning("attempt %d/%d: %s", attempt, attempts, exc)
-                if attempt == attempts:
-                    raise
-                self._sleep(min(2.0**attempt, 30.0))
-        raise AssertionError("unreachable")
-
     def _download(self, url: str, rpm: KojiRpm, signed: bool) -> Path:
+        """Download ``url`` into the repository's incoming folder and check it against
+        Koji's record; raise :class:`BadDownload` (nothing kept) unless it matches."""
         # A folder of its own, so the checked file keeps its real name for the importer.
         folder = self._repo / INCOMING / uuid.uuid4().hex
         folder.mkdir(parents=True)
         part = folder / f"{rpm.filename}.part"
         digest = PayloadDigest()
+        served_as = "no Content-Type"
         try:
             try:
                 with self._http.get(url, stream=True, timeout=self._koji.timeout) as answer:
@@ -237,18 +234,28 @@ class Fetcher:
                         raise BadDownload(f"{url}: Koji's file server has no such file (404)")
                     if answer.status_code >= 400:
                         raise KojiUnavailable(f"{url}: HTTP {answer.status_code}")
+                    served_as = answer.headers.get("Content-Type", served_as)
                     with part.open("wb") as out:
                         for chunk in answer.iter_content(CHUNK):
                             digest.update(chunk)
                             out.write(chunk)
                         out.flush()
                         os.fsync(out.fileno())
+            except NotAnRpm as exc:
+                # Seen in the first bytes: an error page served with 200, say.
+                raise BadDownload(f"{url} is not an RPM ({served_as}): {exc}; not placed") from exc
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as exc:
+                # The connection broke inside the body: fewer bytes than announced.
+                raise BadDownload(f"{url} was cut short: {exc}") from exc
             except requests.RequestException as exc:
                 raise KojiUnavailable(f"downloading {url} failed: {exc}") from exc
             try:
                 payloadhash = digest.hexdigest()
             except NotAnRpm as exc:
-                raise BadDownload(f"{url} is not an RPM: {exc}") from exc
+                raise BadDownload(f"{url} is not an RPM ({served_as}): {exc}; not placed") from exc
             if not signed and digest.size != rpm.size:
                 raise BadDownload(
                     f"{url}: {digest.size} bytes where Koji recorded {rpm.size}; not placed"
@@ -265,7 +272,7 @@ class Fetcher:
         part.replace(checked)
         if self._gpg_keys:
             try:
-                self._check_signature(checked, url)
+                self._check_signature(checked, url, signed)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -283,8 +290,12 @@ class Fetcher:
             self._keyring = keyring
         return str(self._keyring)
 
-    def _check_signature(self, path: Path, url: str) -> None:
-        """``rpmkeys --checksig`` against the configured keys only (a private keyring)."""
+    def _check_signature(self, path: Path, url: str, signed: bool) -> None:
+        """``rpmkeys --checksig`` against the configured keys only (a private keyring).
+
+        ``signed`` says whether ``url`` is a copy Koji holds as signed with a configured
+        key: if not, a missing signature means Koji has not signed it yet.
+        """
         result = run(
             ["rpmkeys", "--dbpath", self._keyring_db(), "--checksig", str(path)],
             timeout=120,
@@ -292,10 +303,11 @@ class Fetcher:
         )
         # An unsigned package passes --checksig with "digests OK": require a signature.
         if result.returncode != 0 or "signatures OK" not in result.stdout:
-            raise BadDownload(
+            problem = (
                 f"{url} is not signed with a configured key: "
                 f"{(result.stdout + result.stderr).strip()}"
             )
+            raise BadDownload(problem) if signed else NotSignedYet(problem)
 
     # -- removal ----------------------------------------------------------------
 

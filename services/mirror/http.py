@@ -28,6 +28,7 @@ from services.common.settings import MirrorSettings, Settings, load_settings, lo
 from services.common.store import Store, koji_builds, packages
 from services.mirror.fetcher import Fetcher
 from services.mirror.koji import BuildState, KojiError, KojiHub, KojiUnavailable
+from services.mirror.worker import KojiHealth
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,17 @@ METRICS = {
             "counter",
             "Header .build-id links that the package's own ELF files contradicted "
             "(the ELF content was indexed)",
+        ),
+        Metric(
+            "retrace_mirror_koji_up",
+            "gauge",
+            "Whether the worker reached Koji at its last try (1) or found it unreachable (0), "
+            "its commands waiting on the broker meanwhile",
+        ),
+        Metric(
+            "retrace_mirror_koji_last_failure_timestamp_seconds",
+            "gauge",
+            "When the worker last found Koji unreachable (Unix time)",
         ),
         Metric(
             "retrace_mirror_packages_to_reindex",
@@ -107,6 +119,14 @@ class MetricsResource:
         samples += [("retrace_mirror_builds", {"state": s}, float(n)) for s, n in states]
         if last is not None:
             samples.append(("retrace_mirror_last_sync_timestamp_seconds", {}, last.timestamp()))
+        answered, unreachable = KojiHealth(self._store).last()
+        if answered is not None or unreachable is not None:
+            up = unreachable is None or (answered is not None and answered >= unreachable)
+            samples.append(("retrace_mirror_koji_up", {}, float(up)))
+        if unreachable is not None:
+            samples.append(
+                ("retrace_mirror_koji_last_failure_timestamp_seconds", {}, unreachable.timestamp())
+            )
         resp.content_type = "text/plain; version=0.0.4"
         resp.text = render_metrics(samples)
 

@@ -12,6 +12,8 @@ Each failure of a command is sorted into one of four kinds:
 - **A bad download** (not an RPM, such as an error page answered with 200; cut short;
   the wrong size, payload hash or signature): waits the same way, and after
   ``mirror.download_attempts`` bad attempts is dead-lettered with the last reason.
+- **Not signed yet** (signatures required, and Koji holds no copy signed with a
+  configured key): waits the same way, for as long as it takes.
 - **Never possible** (a build Koji does not have, a request Koji refuses, a file the
   index already holds with other content, an RPM that cannot be read): rejected or
   dead-lettered at once, with the reason.
@@ -48,7 +50,7 @@ from services.common.bus import (
 from services.common.rpm import RpmError
 from services.common.store import PackageConflict, Store
 from services.mirror.deadletters import REASON_HEADER
-from services.mirror.fetcher import BadDownload, Fetcher, UnknownBuild
+from services.mirror.fetcher import BadDownload, Fetcher, NotSignedYet, UnknownBuild
 from services.mirror.koji import KojiError, KojiUnavailable
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,8 @@ class MirrorHandler:
         except (UnknownBuild, KojiError) as exc:
             self._koji.answered()
             raise Reject(str(exc)) from exc
+        except NotSignedYet as exc:
+            self._later(command, attempt, bad, exc)
         except BadDownload as exc:
             bad += 1
             if bad >= self._download_attempts:

@@ -35,6 +35,9 @@ def stack_for(home: Path, broker_url: str, fixtures: Fixtures) -> Stack:
     # The probes upload several at a time from one address: that is not the fault.
     overrides = {"RETRACE_INTAKE__MAX_UPLOADS_PER_CLIENT": "32"}
     stack = start_stack(home, broker_url, fixtures, overrides=overrides)
+    # As deployed: the delivery limit and dead-lettering of the command queues.
+    policies = stack.command("retrace-admin", "policies")
+    assert policies.returncode == 0, policies.stderr
     stack.start("retrace-analyzer", "run", log_name="retrace-analyzer-2")
     return stack
 

@@ -9,8 +9,11 @@ fault codes, as the real hub raises them.  Files are served under
 
 Tests steer it: :attr:`KojiStandIn.down` answers 503 to everything (Koji failing),
 :attr:`KojiStandIn.corrupt` flips one payload byte of the named files for a given
-number of downloads, :attr:`KojiStandIn.slow` makes every hub call wait that many
-seconds before it answers.
+number of downloads, :attr:`KojiStandIn.html` answers an HTML error page with 200
+instead of them, :attr:`KojiStandIn.truncate` sends half of them and closes the
+connection, :attr:`KojiStandIn.malformed` leaves Koji's payload hash out of the
+named builds' RPM records, :attr:`KojiStandIn.slow` makes every hub call wait that
+many seconds before it answers.
 """
 
 # The hub's methods and arguments are named as Koji names them: that is the protocol.
@@ -110,6 +113,9 @@ class KojiStandIn:
         self.down = False
         self.slow = 0.0  # seconds each hub call waits before answering (a Koji under load)
         self.corrupt: dict[str, int] = {}  # file name -> downloads still to corrupt
+        self.html: dict[str, int] = {}  # file name -> downloads to answer with an error page
+        self.truncate: dict[str, int] = {}  # file name -> downloads to cut off halfway
+        self.malformed: set[int] = set()  # builds whose RPM records lack the payload hash
         self.calls: list[str] = []
         self.downloads: list[str] = []
         self.paths: list[str] = []
@@ -255,8 +261,9 @@ class KojiStandIn:
         build = self.builds.get(buildID)
         rpms = [] if build is None else build.rpms
         wanted = [arches] if isinstance(arches, str) else arches
+        left_out = {"sigkeys", "payloadhash"} if buildID in self.malformed else {"sigkeys"}
         return [
-            {k: v for k, v in r.items() if k != "sigkeys"}
+            {k: v for k, v in r.items() if k not in left_out}
             for r in rpms
             if not wanted or r["arch"] in wanted
         ]
@@ -385,6 +392,29 @@ def _handler_for(koji: KojiStandIn) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 koji.stalled.set()
                 koji.release_stalls.wait(60)
+                self.close_connection = True
+                return
+            with koji._lock:
+                html = koji.html.get(path.name, 0)
+                if html:
+                    koji.html[path.name] = html - 1
+                cut = koji.truncate.get(path.name, 0)
+                if cut:
+                    koji.truncate[path.name] = cut - 1
+            if html:
+                # What a proxy in front of a file server may answer, with 200.
+                page = b"<!DOCTYPE html>\n<html><head><title>Error</title></head><body>"
+                page += b"<h1>Temporarily unavailable</h1><p>Please try again later.</p>"
+                self._answer(200, page + b" " * 200 + b"</body></html>\n", "text/html")
+                return
+            if cut:
+                # Half the file, and the connection closed: fewer bytes than announced.
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-rpm")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
                 self.close_connection = True
                 return
             koji.downloads.append(path.name)

@@ -75,7 +75,11 @@ class Analyzer:
         raise AssertionError(f"task {task_id} did not finish\n{self.stack.logs()}")
 
     def result(self, task_id: str, name: str) -> str:
-        return (self.spool / task_id / "results" / name).read_text()
+        """A result file of the task, from the folder its row names."""
+        task = self.store.get_task(task_id)
+        assert task is not None
+        assert task.results is not None, task
+        return (self.spool / task_id / task.results / name).read_text()
 
     def reason(self, task_id: str) -> str:
         """The log's last line, without its time stamp."""

@@ -2,7 +2,9 @@
 
 The broker's policy is applied through the management API, as ``retrace-admin
 policies`` does in production, with a delivery limit of one return.  Only the
-mirror worker runs; Koji is the stand-in of koji_hub.py.
+mirror worker runs; Koji is the stand-in of koji_hub.py.  Also how the worker sorts
+failures: Koji unreachable is waited out, a bad download is retried
+``download_attempts`` (here 2) times, an unexpected error up to the delivery limit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tests.integration.stack import Stack, wait_build
 
 pytestmark = pytest.mark.integration
 
-POISON, REFUSED = 301, 302
+POISON, REFUSED, ERROR_PAGE, CUT_SHORT, BUGGY, OUTAGE = 301, 302, 303, 304, 305, 306
 
 
 class Worker:
@@ -59,7 +61,7 @@ class Worker:
 def mirror_stack(root: Path, broker_url: str, koji: KojiStandIn) -> Stack:
     settings = (
         f'[mirror]\nkoji_hub = "{koji.hub_url}"\nkoji_topurl = "{koji.top_url}"\n'
-        "retry_delays = [1, 2]\nkoji_timeout = 10\n"
+        "retry_delays = [1, 2]\nkoji_timeout = 10\ndownload_attempts = 2\n"
     )
     stack = Stack(
         root,
@@ -84,7 +86,7 @@ def worker(
     applied = stack.command("retrace-admin", "policies")
     assert applied.returncode == 0, applied.stderr
     worker = Worker(stack, koji)
-    worker.wait_log("consuming dead letters from retrace.dead-letter.mirror.build")
+    worker.wait_log("retrace.dead-letter.mirror.build")  # consuming it
     yield worker
     koji.release_stalls.set()
     stack.down()
@@ -166,3 +168,82 @@ def test_the_worker_and_the_intake_warn_when_the_broker_lacks_the_policy(
             assert missing in (stack.home / f"{name}.log").read_text(), stack.logs()
     finally:
         stack.down()
+
+
+def metrics_of(worker: Worker) -> str:
+    """The mirror's ``/metrics``, as ``retrace-mirror serve`` answers it."""
+    app = create_app(worker.store, worker.stack.home / "var" / "repo")
+    return str(falcon.testing.TestClient(app).simulate_get("/metrics").text)
+
+
+def sync(worker: Worker, build_id: int) -> None:
+    queued = worker.stack.command("retrace-mirror", "sync", "--build", str(build_id))
+    assert queued.returncode == 0, queued.stderr
+
+
+def test_an_error_page_answered_for_an_rpm_is_retried_not_failed(worker: Worker) -> None:
+    rpms = build_rpms(worker.stack.home.parent, "errorpage", 1)
+    worker.koji.add_build(ERROR_PAGE, rpms)
+    worker.koji.html[rpms[0].name] = 1
+    sync(worker, ERROR_PAGE)
+    worker.wait_build(ERROR_PAGE, "mirrored")
+    logs = worker.stack.logs()
+    assert "is not an RPM (text/html): no RPM lead; not placed" in logs
+    assert f"build {ERROR_PAGE}, attempt 1 failed, retrying in 1 s" in logs
+    placed = worker.stack.home / "var/repo/fedora-40/noarch/Packages" / rpms[0].name
+    assert placed.read_bytes() == rpms[0].read_bytes()
+
+
+def test_a_download_cut_short_every_time_is_dead_lettered_with_the_reason(
+    worker: Worker,
+) -> None:
+    rpms = build_rpms(worker.stack.home.parent, "cutshort", 1)
+    worker.koji.add_build(CUT_SHORT, rpms)
+    worker.koji.truncate[rpms[0].name] = 99
+    try:
+        sync(worker, CUT_SHORT)
+        build = worker.wait_build(CUT_SHORT, "failed")
+    finally:
+        worker.koji.truncate.clear()
+    assert build.reason is not None
+    assert f"Mirroring build {CUT_SHORT} was given up: 2 attempts" in build.reason
+    assert "were bad; the last: " in build.reason
+    assert "was cut short" in build.reason
+    assert worker.stack.logs().count(f"build {CUT_SHORT}, attempt 1 failed, retrying in 1 s") == 1
+    assert not list((worker.stack.home / "var/repo").rglob(rpms[0].name))
+
+
+def test_an_unexpected_error_is_retried_up_to_the_delivery_limit_then_dead_lettered(
+    worker: Worker,
+) -> None:
+    worker.koji.add_build(BUGGY, build_rpms(worker.stack.home.parent, "buggy", 1))
+    worker.koji.malformed.add(BUGGY)  # no payloadhash: the fetcher's KeyError
+    calls = len(worker.koji.calls)
+    sync(worker, BUGGY)
+    build = worker.wait_build(BUGGY, "failed")
+    assert build.reason is not None
+    assert "failed unexpectedly on 2 deliveries; the last: KeyError('payloadhash')" in build.reason
+    # The delivery limit is one return: two deliveries in all, each with its traceback.
+    assert worker.koji.calls[calls:].count("listRPMs") == 2
+    logs = worker.stack.logs()
+    assert f"build {BUGGY} failed unexpectedly on delivery 1 of at most 2; requeued" in logs
+    assert f"build {BUGGY} failed unexpectedly on delivery 2, the last" in logs
+    assert logs.count("KeyError: 'payloadhash'") >= 2
+    assert worker.process.poll() is None
+
+
+def test_koji_unreachable_is_waited_out_never_dead_lettered_and_shown(worker: Worker) -> None:
+    worker.koji.add_build(OUTAGE, build_rpms(worker.stack.home.parent, "outage", 1))
+    worker.koji.down = True
+    try:
+        sync(worker, OUTAGE)
+        # Three attempts: beyond both the delivery limit and download_attempts.
+        worker.wait_log(f"build {OUTAGE}, attempt 3 failed, retrying in 2 s")
+        metrics = metrics_of(worker)
+        assert "retrace_mirror_koji_up 0" in metrics
+        assert "retrace_mirror_koji_last_failure_timestamp_seconds 1" in metrics
+        assert worker.store.find_build("outage-1.0-1.fc40") is None
+    finally:
+        worker.koji.down = False
+    worker.wait_build(OUTAGE, "mirrored")
+    assert "retrace_mirror_koji_up 1" in metrics_of(worker)

@@ -14,7 +14,7 @@ from schemas.topology import Route
 from services.common.runner import run
 from services.common.settings import MirrorSettings
 from services.common.store import Store
-from services.mirror.fetcher import BadDownload, Fetcher, UnknownBuild
+from services.mirror.fetcher import BadDownload, Fetcher, NotSignedYet, UnknownBuild
 from services.mirror.koji import KojiHub, KojiUnavailable
 from services.mirror.retention import prune
 from tests.fixtures.build import Fixtures
@@ -68,7 +68,6 @@ def make_fetcher(
         MirrorSettings(**settings),  # type: ignore[arg-type]
         KojiHub(koji.hub_url, koji.top_url, timeout=10),
         events,
-        sleep=lambda _s: None,
         gpg_keys=gpg_keys,
     )
     return fetcher, store, events, repo
@@ -227,28 +226,51 @@ def test_an_unknown_build_can_never_succeed(tmp_path: Path, koji: KojiStandIn) -
         fetcher.handle(MirrorBuildV1(build=999999))
 
 
-def test_one_flipped_byte_is_downloaded_again_and_never_placed(
-    tmp_path: Path, koji: KojiStandIn, caplog: pytest.LogCaptureFixture
+def assert_nothing_placed(repo: Path, store: Store, name: str) -> None:
+    assert not any(p.name == name for p in repo.rglob("*.rpm"))
+    assert not list((repo / ".incoming").iterdir())
+    assert name.removesuffix(".rpm") not in {str(p.nevra) for p in store.all_packages()}
+
+
+def test_one_flipped_byte_is_a_bad_download_never_placed_and_fetched_again(
+    tmp_path: Path, koji: KojiStandIn
 ) -> None:
     fetcher, store, _events, repo = make_fetcher(tmp_path, koji)
     name = "noarchy-part1-1.0-1.fc40.noarch.rpm"
     koji.corrupt[name] = 1
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(BadDownload, match=r"payload hash .* not placed"):
         fetcher.handle(MirrorBuildV1(build=NOARCH))
-    assert "payload hash" in caplog.text
+    assert_nothing_placed(repo, store, name)
+    # The next attempt (the worker's, after a retry delay) fetches it again.
+    assert fetcher.handle(MirrorBuildV1(build=NOARCH)).action == "mirrored"
     stored = repo / "fedora-40" / "noarch" / "Packages" / name
     assert stored.read_bytes() == next(koji.files.rglob(name)).read_bytes()
 
-    fetcher, store, _events, repo = make_fetcher(tmp_path / "always", koji)
-    koji.corrupt[name] = 99
+
+def test_an_error_page_answered_with_200_is_a_bad_download(
+    tmp_path: Path, koji: KojiStandIn
+) -> None:
+    fetcher, store, _events, repo = make_fetcher(tmp_path, koji)
+    name = "noarchy-part2-1.0-1.fc40.noarch.rpm"
+    koji.html[name] = 1
     try:
-        with pytest.raises(BadDownload, match="not placed"):
+        with pytest.raises(BadDownload, match=r"is not an RPM \(text/html\): no RPM lead"):
             fetcher.handle(MirrorBuildV1(build=NOARCH))
     finally:
-        koji.corrupt.clear()
-    assert not any(p.name == name for p in repo.rglob("*.rpm"))
-    assert not list((repo / ".incoming").iterdir())
-    assert name.removesuffix(".rpm") not in {str(p.nevra) for p in store.all_packages()}
+        koji.html.clear()
+    assert_nothing_placed(repo, store, name)
+
+
+def test_a_download_cut_short_is_a_bad_download(tmp_path: Path, koji: KojiStandIn) -> None:
+    fetcher, store, _events, repo = make_fetcher(tmp_path, koji)
+    name = "noarchy-1.0-1.fc40.noarch.rpm"
+    koji.truncate[name] = 1
+    try:
+        with pytest.raises(BadDownload, match="was cut short"):
+            fetcher.handle(MirrorBuildV1(build=NOARCH))
+    finally:
+        koji.truncate.clear()
+    assert_nothing_placed(repo, store, name)
 
 
 def test_koji_down_is_a_retryable_failure(tmp_path: Path, koji: KojiStandIn) -> None:
@@ -373,7 +395,7 @@ def test_signatures_are_checked_against_the_configured_keys(
     strict, _store, _events, repo = make_fetcher(
         tmp_path / "strict", koji, gpg_keys=(public,), sigkeys=(sigkey,)
     )
-    with pytest.raises(BadDownload, match="not signed with a configured key"):
+    with pytest.raises(NotSignedYet, match="not signed with a configured key"):
         strict.handle(MirrorBuildV1(build=111))
     assert not list(repo.rglob("signedreally-part1*.rpm"))
 
