@@ -21,10 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from schemas.messages import TaskFinishedV1, parse
 from schemas.topology import EXCHANGE, TASK_FINISHED
 from services.common.bus import connect
-from services.common.store import Store, TaskStatus, aware
+from services.common.store import Store, TaskStatus, aware, uploads
 from tests.integration.stack import Stack, pack_problem_dir
 
 SPY = "retrace.faults.spy"
@@ -44,6 +46,8 @@ class Verdict:
     refused: Counter[int] = field(default_factory=Counter)
     recovery: float | None = None
     seconds: float = 0.0
+    leftovers: list[str] = field(default_factory=list)
+    """Upload rows, spool folders of no task, or analyzer work folders left behind."""
 
     def row(self) -> str:
         """``probe | tasks | lost | duplicated | 500s | stuck | time to recover``."""
@@ -56,7 +60,7 @@ class Verdict:
     @property
     def clean(self) -> bool:
         """Nothing lost, duplicated, stuck, and no 500."""
-        return not (self.lost or self.duplicated or self.errors_500 or self.stuck)
+        return not (self.lost or self.duplicated or self.errors_500 or self.stuck or self.leftovers)
 
 
 HEADER = (
@@ -170,8 +174,32 @@ class Campaign:
         ]
         after = [moment for moment in finished if moment >= fault_ended]
         verdict.recovery = min(after) - fault_ended if after else None
+        verdict.leftovers = self._leftovers(patience=60)
         verdict.seconds = time.monotonic() - started
         return verdict
+
+    def _leftovers(self, patience: float) -> list[str]:
+        """What no live process owns, after ``patience`` seconds to clean it up."""
+        deadline = time.monotonic() + patience
+        while True:
+            found = []
+            with self.store.engine.connect() as conn:
+                rows = conn.execute(sa.select(sa.func.count()).select_from(uploads)).scalar()
+            if rows:
+                found.append(f"{rows} rows in uploads")
+            spool = self.stack.home / "var" / "spool"
+            for folder in spool.iterdir() if spool.is_dir() else []:
+                if folder.name.startswith(".") or folder.name == "lost+found":
+                    continue
+                if self.store.get_task(folder.name) is None:
+                    found.append(f"spool folder {folder.name} of no task")
+            work = self.stack.home / "var" / "cache" / "analyzer" / "work"
+            for folder in work.iterdir() if work.is_dir() else []:
+                if not folder.name.startswith("."):
+                    found.append(f"analyzer work folder {folder.name}")
+            if not found or time.monotonic() > deadline:
+                return found
+            time.sleep(1)
 
     def _succeeded(self, submitted: Submitted) -> bool:
         task = self.store.get_task(submitted.task_id)

@@ -6,17 +6,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.analyzer.worker import FAULT
 from tests.faults.harness import Campaign, Verdict
 from tests.fixtures.build import Fixtures
 from tests.integration.broker import close_connections
-from tests.integration.stack import Stack, start_stack
+from tests.integration.stack import BIN, Stack, start_stack
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,25 @@ class Probe:
     """Injects the fault during the campaign; returns when the fault ended (``time.time()``)."""
     uploads: int
     patience: float = 180.0
+    small_spool: bool = False
+    """Mount the spool on a small tmpfs (as root) before the stack starts."""
 
 
-def stack_for(home: Path, broker_url: str, fixtures: Fixtures) -> Stack:
+def stack_for(home: Path, broker_url: str, fixtures: Fixtures, small_spool: bool) -> Stack:
     """The stack with the fixture RPMs mirrored and two analyzers."""
     # The probes upload several at a time from one address: that is not the fault.
     overrides = {"RETRACE_INTAKE__MAX_UPLOADS_PER_CLIENT": "32"}
+    if small_spool:
+        spool = home / "var" / "spool"
+        spool.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(spool)], check=True)
+        # The floor keeps room for results: with none, accepted cores can fill the disk
+        # so that no task can store its results, and none ever frees its core (a probe
+        # with 0 showed it).  Uploads already past the check still run into ENOSPC.
+        overrides |= {
+            "RETRACE_INTAKE__MIN_FREE_SPACE_MIB": "2",
+            "RETRACE_ANALYZER__RESULTS_RETRY_SECONDS": "2",
+        }
     stack = start_stack(home, broker_url, fixtures, overrides=overrides)
     # As deployed: the delivery limit and dead-lettering of the command queues.
     policies = stack.command("retrace-admin", "policies")
@@ -65,9 +82,94 @@ def analyzer_killed(stack: Stack, campaign: Campaign, scale: int) -> float:
         return time.time()
 
 
+def results_crash(stack: Stack, campaign: Campaign, scale: int) -> float:
+    """An analyzer that dies between writing a task's results and the update that
+    finishes it (fault injection), restarted with the same fault each time it died."""
+    faulty_env = {**stack.env, FAULT: "exit-before-finish"}
+    with campaign.streaming(12 * scale, parallel=2, pause=0.3):
+        deaths = 0
+        faulty = _start_with(stack, faulty_env, "analyzer-faulty-0")
+        deadline = time.monotonic() + 30 * scale
+        while deaths < 3 * scale and time.monotonic() < deadline:
+            if faulty.poll() is not None:
+                deaths += 1
+                stack.processes.remove(faulty)
+                faulty = _start_with(stack, faulty_env, f"analyzer-faulty-{deaths}")
+            time.sleep(0.2)
+        faulty.terminate()
+        faulty.wait(timeout=60)
+        stack.processes.remove(faulty)
+        return time.time()
+
+
+def _start_with(stack: Stack, env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
+    log = (stack.home / f"{log_name}.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "retrace-analyzer"), "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    log.close()
+    stack.processes.append(proc)
+    return proc
+
+
+def intake_worker_killed(stack: Stack, campaign: Campaign, scale: int) -> float:
+    """The intake's gunicorn worker SIGKILLed while uploads arrive; gunicorn starts another."""
+    master = next(p for p in stack.processes if "retrace-intake" in str(p.args))
+    with campaign.streaming(16 * scale, parallel=3, pause=0.1):
+        for _ in range(3 * scale):
+            time.sleep(2)
+            for pid in _children(master.pid):
+                os.kill(pid, signal.SIGKILL)
+        return time.time()
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(line) for line in found.stdout.split()]
+
+
+def slow_clients(stack: Stack, campaign: Campaign, scale: int) -> float:
+    """Idle sockets and uploads trickling a byte a second, from many addresses, held
+    open while the real uploads stream in."""
+    held: list[socket.socket] = []
+    try:
+        for n in range(40 * scale):
+            sock = socket.socket()
+            sock.bind((f"127.0.0.{2 + n % 250}", 0))
+            sock.connect(("127.0.0.1", stack.port))
+            if n % 2:
+                sock.sendall(
+                    b"POST /create HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                    b"Content-Type: application/x-xz-compressed-tar\r\n\r\n"
+                )
+            held.append(sock)
+        with campaign.streaming(12 * scale, parallel=2, pause=0.2):
+            for _ in range(10 * scale):
+                for sock in held[1::2]:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"\0")
+                time.sleep(1)
+            return time.time()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def spool_full(stack: Stack, campaign: Campaign, scale: int) -> float:
+    """Uploads onto a spool on a 5 MiB tmpfs that fills up: 507s, never 500s, and what
+    was accepted is retraced once the cores of finished tasks make room again."""
+    with campaign.streaming(12 * scale, parallel=4, pause=0.5):
+        time.sleep(8 * scale)
+        return time.time()
+
+
 PROBES = (
     Probe("broker connections closed every 3 s", broker_drops, uploads=20),
     Probe("analyzer SIGKILLed mid-retrace", analyzer_killed, uploads=16),
+    Probe("analyzer dies between results and state", results_crash, uploads=12),
+    Probe("intake worker SIGKILLed mid-upload", intake_worker_killed, uploads=16),
+    Probe("slow and idle clients", slow_clients, uploads=12),
+    Probe("spool full (5 MiB tmpfs)", spool_full, uploads=12, small_spool=True),
 )
 
 
@@ -75,7 +177,7 @@ def run_probe(
     probe: Probe, home: Path, broker_url: str, fixtures: Fixtures, scale: int = 1
 ) -> Verdict:
     """Start a stack, run the probe on it, judge, stop the stack."""
-    stack = stack_for(home, broker_url, fixtures)
+    stack = stack_for(home, broker_url, fixtures, probe.small_spool)
     try:
         campaign = Campaign(stack, fixtures.crash.problem_dir, home)
         ended = probe.run(stack, campaign, scale)
@@ -87,6 +189,8 @@ def run_probe(
         return verdict
     finally:
         stack.down()
+        if probe.small_spool:
+            subprocess.run(["umount", "-l", str(home / "var" / "spool")], check=False)
 
 
 def logs_of(home: Path) -> str:
