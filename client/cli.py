@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from client import problem
+from client import minicore, problem
+from client import settings as client_settings
 from client.api import Server, next_password, parse_json
 from client.errors import (
     EXIT_OK,
@@ -56,19 +57,66 @@ class Bar:
             print(file=self._stream)
 
 
-def _add_crash_source(parser: argparse.ArgumentParser) -> None:
+def _add_crash_source(parser: argparse.ArgumentParser, *, sending: bool = True) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dir", type=Path, help="an ABRT problem directory")
     source.add_argument("--core", type=Path, help="a core file (with --executable, --package)")
     source.add_argument("--coredumpctl", metavar="MATCH", help="a crash systemd-coredump kept")
-    parser.add_argument("--executable", help="with --core: the crashed program's path")
-    parser.add_argument("--package", help="with --core: its package NVR (name-version-release)")
-    parser.add_argument(
-        "--no-unlink", action="store_true", help="keep the packed archive and print its path"
+    if sending:
+        parser.add_argument("--executable", help="with --core: the crashed program's path")
+        parser.add_argument("--package", help="with --core: its package NVR (name-version-release)")
+        parser.add_argument(
+            "--no-unlink", action="store_true", help="keep the packed archive and print its path"
+        )
+        parser.add_argument(
+            "--force", action="store_true", help="send even if the server says it cannot help"
+        )
+    group = parser.add_argument_group(
+        "minimal cores",
+        "Send only what a retrace needs: the notes, each thread's stack from its pointer "
+        "down to a red zone, the modules' headers and data, small anonymous mappings, TLS "
+        "and the loader's list (README, client section). The top of the main stack holds "
+        "the program's arguments and environment strings: the arguments are sent, the "
+        "environment too unless --blank-environment. Defaults come from the settings file "
+        "(--config).",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="send even if the server says it cannot help"
+    if sending:
+        group.add_argument(
+            "--minimal",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="send a minimal core (default: the setting 'minimal', else no)",
+        )
+        group.add_argument(
+            "--minimal-report",
+            action="store_true",
+            help="send a minimal core and print what it keeps and drops",
+        )
+    group.add_argument(
+        "--red-zone", type=_count, metavar="BYTES", help="kept below each stack pointer (4096)"
     )
+    group.add_argument(
+        "--max-anonymous",
+        type=_count,
+        metavar="KIB",
+        help="anonymous mappings up to this size are kept whole (64)",
+    )
+    group.add_argument(
+        "--blank-environment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="zero the environment strings in the minimal core",
+    )
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("it cannot be negative")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--insecure", action="store_true", help="do not verify HTTPS certificates")
     parser.add_argument("--state", type=Path, default=None, help="the task list file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the settings file (default: $RETRACE_CLIENT_CONFIG, else "
+        "$XDG_CONFIG_HOME/retrace-client/client.toml)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="send a crash; print the task id and password")
     _add_crash_source(create)
@@ -102,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "backtrace":
             cmd.add_argument("--json", action="store_true", help="the structured backtrace")
     sub.add_parser("settings", help="the server's limits and supported releases")
+    minimize = sub.add_parser(
+        "minimize", help="write the minimal core of a crash and say what it keeps; send nothing"
+    )
+    _add_crash_source(minimize, sending=False)
+    minimize.add_argument("--output", "-o", type=Path, required=True, help="the minimal core")
     return parser
 
 
@@ -131,6 +191,72 @@ class Client:
             return problem.from_core(args.core, args.executable, args.package)
         return problem.from_coredumpctl(args.coredumpctl, workdir)
 
+    def core_only(self, workdir: Path) -> tuple[Path, bool]:
+        """The crash's core alone (``minimize``), and whether it is a copy of ours."""
+        args = self.args
+        if args.dir:
+            return problem.from_problem_dir(args.dir).core, False
+        if args.core:
+            if not args.core.is_file():
+                raise ClientError(f"{args.core} is not a file")
+            return args.core, False
+        return problem.dump_coredumpctl(args.coredumpctl, workdir), True
+
+    # -- minimal cores ------------------------------------------------------
+
+    def settings(self) -> client_settings.Settings:
+        return client_settings.load(self.args.config)
+
+    def minimal_options(self, settings: client_settings.Settings) -> minicore.Options:
+        args = self.args
+        red_zone = settings.red_zone if args.red_zone is None else args.red_zone
+        kib = settings.max_anonymous_kib if args.max_anonymous is None else args.max_anonymous
+        blank = args.blank_environment
+        return minicore.Options(
+            red_zone=red_zone,
+            max_anonymous=kib * minicore.KIB,
+            blank_environment=settings.blank_environment if blank is None else blank,
+        )
+
+    def minimal(self, crash: problem.Crash, workdir: Path) -> problem.Crash:
+        """The crash with its core minimised, when --minimal, --minimal-report or the
+        settings ask for it."""
+        args, settings = self.args, self.settings()
+        wanted = args.minimal
+        if wanted is None:
+            wanted = args.minimal_report or settings.minimal
+        if not wanted:
+            if args.minimal_report:
+                raise ClientError("--minimal-report reports on a minimal core, not --no-minimal")
+            return crash
+        dest = workdir / "coredump.minimal"
+        outcome = minicore.minimize(crash.core, dest, self.minimal_options(settings))
+        if crash.temporary_core:
+            crash.core.unlink(missing_ok=True)
+        if args.minimal_report:
+            print(outcome.report(), file=sys.stderr)
+        else:
+            share = 100 * outcome.size / max(outcome.full_size, 1)
+            sent = "blanked" if outcome.options.blank_environment else "sent"
+            print(
+                f"minimal core: {outcome.size / MIB:.1f} of {outcome.full_size / MIB:.1f} MiB "
+                f"({share:.2f} %), the program's arguments sent and its environment {sent}; "
+                "--minimal-report says what it keeps",
+                file=sys.stderr,
+            )
+        return problem.Crash(dest, crash.texts, temporary_core=True)
+
+    def minimize(self) -> str:
+        """``retrace-client minimize``: write the minimal core, return the report."""
+        with tempfile.TemporaryDirectory(prefix="retrace-client-") as workdir:
+            core, ours = self.core_only(Path(workdir))
+            outcome = minicore.minimize(
+                core, self.args.output, self.minimal_options(self.settings())
+            )
+            if ours:
+                core.unlink(missing_ok=True)
+        return f"{outcome.report()}\nwritten to {self.args.output}"
+
     def preflight(self, server: Server, crash: problem.Crash) -> dict[str, str]:
         """Refuse early, as ABRT's client does, when the server cannot take the crash."""
         settings = server.settings()
@@ -153,7 +279,7 @@ class Client:
 
     def create(self) -> tuple[Server, str, str]:
         with tempfile.TemporaryDirectory(prefix="retrace-client-") as workdir:
-            crash = self.gather(Path(workdir))
+            crash = self.minimal(self.gather(Path(workdir)), Path(workdir))
             server = self.server()
             settings = self.preflight(server, crash)
             bar = Bar("Packing  ")
@@ -216,6 +342,9 @@ def _run(client: Client) -> int:  # noqa: PLR0911 -- one return per command
     if args.command == "settings":
         for key, value in client.server().settings().items():
             client.out(f"{key} {value}")
+        return EXIT_OK
+    if args.command == "minimize":
+        client.out(client.minimize())
         return EXIT_OK
     if args.command == "create":
         _, task, password = client.create()

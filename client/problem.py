@@ -101,13 +101,19 @@ def from_coredumpctl(match: str, workdir: Path) -> Crash:
             f"the journal does not say which package {executable} came from; "
             "use --core with --executable and --package instead"
         )
-    core = workdir / "coredump"
-    _coredumpctl(["--no-pager", "-1", "-o", str(core), "dump", match])
+    core = dump_coredumpctl(match, workdir)
     texts = {"executable": executable or "", "package": f"{name}-{version}"}
     cmdline = _field(match, "COREDUMP_CMDLINE", required=False)
     if cmdline:
         texts["cmdline"] = cmdline
     return Crash(core, texts, temporary_core=True)
+
+
+def dump_coredumpctl(match: str, workdir: Path) -> Path:
+    """The core of the crash ``match`` names, written out by ``coredumpctl dump``."""
+    core = workdir / "coredump"
+    _coredumpctl(["--no-pager", "-1", "-o", str(core), "dump", match])
+    return core
 
 
 class _Counting:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from services.common.elf import NotElf, open_elf
 from services.common.runner import CommandError, run
 
 EU_UNSTRIP_TIMEOUT = 120
+# The note retrace-client adds to a minimal core (README, client section).
+MINIMAL_NOTE = (b"RETRACE", 0x4E494D52)  # (name, type)
 
 # START+SIZE BUILDID@ADDR FILE DEBUGFILE MODULENAME
 _LINE = re.compile(
@@ -53,6 +56,56 @@ def check_complete(core: Path) -> None:
             f"the core dump is truncated: it has {actual} bytes of the {expected} "
             "its headers describe"
         )
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A range of memory a minimal core lacks, and the client's reason."""
+
+    start: int
+    end: int
+    why: str
+
+
+@dataclass(frozen=True)
+class MinimalCore:
+    """What the client's note says of a minimal core."""
+
+    full_size: int
+    red_zone: int
+    max_anonymous: int
+    environment_blanked: bool
+    dropped: tuple[Dropped, ...]
+
+
+def minimal_note(core: Path) -> MinimalCore | None:
+    """The client's note of a minimal core; None for a core without one.
+
+    Raises :class:`CoreError` for a note that does not read as the README says.
+    """
+    try:
+        notes = list(open_elf(core).segment_notes())
+    except NotElf as exc:
+        raise CoreError("the core dump is not an ELF file") from exc
+    found = [desc for kind, name, desc in notes if (name, kind) == MINIMAL_NOTE]
+    if not found:
+        return None
+    try:
+        note = json.loads(found[0])
+        return MinimalCore(
+            full_size=int(note["full_size"]),
+            red_zone=int(note["red_zone"]),
+            max_anonymous=int(note["max_anonymous"]),
+            environment_blanked=bool(note.get("environment_blanked")),
+            dropped=tuple(
+                Dropped(
+                    int(d["start"], 16), int(d["end"], 16), " ".join(str(d["why"]).split())[:200]
+                )
+                for d in note["dropped"]
+            ),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CoreError(f"the core's minimal-core note does not read: {exc}") from exc
 
 
 def _recorded_path(file: str, name: str) -> str:

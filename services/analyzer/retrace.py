@@ -10,7 +10,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from schemas.messages import MirrorBuildV1
-from services.analyzer.coredump import CoreError, Module, check_complete, read_modules
+from services.analyzer.coredump import (
+    CoreError,
+    MinimalCore,
+    Module,
+    check_complete,
+    minimal_note,
+    read_modules,
+)
 from services.analyzer.debugshell import write_manifest
 from services.analyzer.gdb import MAX_FRAMES, GdbError, GdbResult, gdb_version, run_gdb
 from services.analyzer.packages import Finder, Resolution
@@ -110,6 +117,13 @@ def read_core(job: Job, core: Path, executable: str) -> tuple[str, list[Module]]
         except CoreError as exc:
             raise RetraceFailure(f"{_sentence(str(exc))}.") from exc
         job.log.add(f"{len(modules)} modules, architecture {arch}")
+        try:
+            minimal = minimal_note(core)
+        except CoreError as exc:
+            job.log.warn(f"{exc}; the core is read as it is")
+        else:
+            if minimal is not None:
+                log_minimal(job, minimal, core.stat().st_size)
     if not any(m.build_id for m in modules if not m.is_vdso):
         raise RetraceFailure("The core dump carries no build-ids, so no package can be matched.")
     if executable not in {m.name for m in modules}:
@@ -118,6 +132,27 @@ def read_core(job: Job, core: Path, executable: str) -> tuple[str, list[Module]]
             "it was not written by that program."
         )
     return arch, modules
+
+
+MAX_DROPPED_LINES = 32
+
+
+def log_minimal(job: Job, minimal: MinimalCore, size: int) -> None:
+    """Say that the core is minimal (``retrace-client --minimal``) and what it lacks."""
+    lacking = sum(d.end - d.start for d in minimal.dropped)
+    job.log.add(
+        f"The core is minimal (retrace-client --minimal): {size} of {minimal.full_size} bytes; "
+        f"it lacks {len(minimal.dropped)} ranges of memory ({lacking} bytes; the client drops "
+        f"anonymous mappings over {minimal.max_anonymous} bytes and each stack below its "
+        f"pointer minus {minimal.red_zone} bytes). Values there print as "
+        "'<error: Cannot access memory at address ...>'."
+    )
+    for dropped in minimal.dropped[:MAX_DROPPED_LINES]:
+        job.log.add(f"  lacks {dropped.start:#x}-{dropped.end:#x}: {dropped.why}")
+    if len(minimal.dropped) > MAX_DROPPED_LINES:
+        job.log.add(f"  and {len(minimal.dropped) - MAX_DROPPED_LINES} more ranges")
+    if minimal.environment_blanked:
+        job.log.add("The client blanked the environment strings")
 
 
 def _sentence(text: str) -> str:

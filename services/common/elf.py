@@ -223,6 +223,13 @@ class ElfFile:
                     return desc.hex()
         return None
 
+    def segment_notes(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """Every note of the note segments, as (type, name, description)."""
+        for segment in self.segments():
+            if segment.type == PT_NOTE:
+                data = self._read(segment.offset, min(segment.filesz, MAX_TABLE))
+                yield from _notes(data, self.order, 4)
+
     def interpreter(self) -> str | None:
         """The dynamic loader a program names (its ``PT_INTERP``)."""
         for segment in self.segments():
