@@ -25,6 +25,9 @@ lint: ## ruff lint and format check
 
 typecheck: ## mypy, strict
 	$(VENV)/mypy
+	# Scripts without .py are each a module named __main__: one mypy run apiece.
+	$(VENV)/mypy bench/minicore
+	$(VENV)/mypy bench/slowclients
 
 unit: ## unit tests only
 	$(VENV)/pytest tests/unit

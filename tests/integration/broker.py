@@ -38,23 +38,25 @@ def connections_of(broker_url: str) -> list[str]:
     return [c["name"] for c in listed]
 
 
-def close_connections(broker_url: str, at_least: int = 1, timeout: float = 20) -> int:
+def close_connections(broker_url: str, at_least: int = 1, timeout: float = 30) -> int:
     """Close every connection of the vhost; return how many were closed.
 
-    The management API lists a new connection only after its next statistics
-    round (every few seconds): wait until it lists ``at_least`` of them.
+    The management API lists a new connection only after its next statistics round
+    (every few seconds), and a closed one a little after it went: keep listing and
+    closing until ``at_least`` were really closed, or ``timeout`` passed.
     """
     deadline = time.monotonic() + timeout
-    names = connections_of(broker_url)
-    while len(names) < at_least and time.monotonic() < deadline:
-        time.sleep(0.5)
-        names = connections_of(broker_url)
     closed = 0
-    for name in names:
-        try:
-            _request(broker_url, "DELETE", f"/api/connections/{urllib.parse.quote(name, safe='')}")
-            closed += 1
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:  # gone already
-                raise
-    return closed
+    while True:
+        for name in connections_of(broker_url):
+            try:
+                path = f"/api/connections/{urllib.parse.quote(name, safe='')}"
+                _request(broker_url, "DELETE", path)
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:  # gone already
+                    raise
+            else:
+                closed += 1
+        if closed >= at_least or time.monotonic() > deadline:
+            return closed
+        time.sleep(0.5)
