@@ -20,7 +20,8 @@ from services.analyzer.worker import FAULT
 from tests.faults.harness import Campaign, Verdict
 from tests.fixtures.build import Fixtures
 from tests.integration.broker import close_connections
-from tests.integration.stack import BIN, Stack, start_stack
+from tests.integration.koji_hub import KojiStandIn
+from tests.integration.stack import BIN, Stack
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,34 @@ class Probe:
     patience: float = 180.0
     small_spool: bool = False
     """Mount the spool on a small tmpfs (as root) before the stack starts."""
+    koji: bool = False
+    """Serve the crashed build from a Koji stand-in that sends bad downloads first."""
 
 
-def stack_for(home: Path, broker_url: str, fixtures: Fixtures, small_spool: bool) -> Stack:
-    """The stack with the fixture RPMs mirrored and two analyzers."""
+def stack_for(
+    home: Path,
+    broker_url: str,
+    fixtures: Fixtures,
+    small_spool: bool = False,
+    koji: KojiStandIn | None = None,
+) -> Stack:
+    """The stack with the fixture RPMs mirrored and two analyzers; with ``koji``, the
+    crashed build is left to the mirror worker to fetch from that Koji on demand."""
     # The probes upload several at a time from one address: that is not the fault.
     overrides = {"RETRACE_INTAKE__MAX_UPLOADS_PER_CLIENT": "32"}
+    extra, leave_out = "", set()
+    if koji is not None:
+        crashed = [r for r in fixtures.rpms if r.sourcerpm.startswith(f"{CRASHED}-")]
+        koji.add_build(CRASHED_BUILD, [r.path for r in crashed])
+        leave_out = {r.name for r in crashed}
+        extra = (
+            f'[mirror]\nkoji_hub = "{koji.hub_url}"\nkoji_topurl = "{koji.top_url}"\n'
+            "retry_delays = [1, 2]\nkoji_timeout = 10\n"
+        )
+        overrides |= {
+            "RETRACE_ANALYZER__FETCH_WAIT_SECONDS": "20",
+            "RETRACE_ANALYZER__FETCH_ATTEMPTS": "5",
+        }
     if small_spool:
         spool = home / "var" / "spool"
         spool.mkdir(parents=True)
@@ -51,7 +74,13 @@ def stack_for(home: Path, broker_url: str, fixtures: Fixtures, small_spool: bool
             "RETRACE_INTAKE__MIN_FREE_SPACE_MIB": "2",
             "RETRACE_ANALYZER__RESULTS_RETRY_SECONDS": "2",
         }
-    stack = start_stack(home, broker_url, fixtures, overrides=overrides)
+    stack = Stack(home, broker_url, overrides=overrides, extra_settings=extra)
+    stack.up()
+    rpms = [str(r.path) for r in fixtures.rpms if r.name not in leave_out]
+    imported = stack.command("retrace-mirror", "import", *rpms)
+    assert imported.returncode == 0, imported.stderr
+    if koji is not None:
+        stack.start("retrace-mirror", "worker", log_name="mirror-worker")
     # As deployed: the delivery limit and dead-lettering of the command queues.
     policies = stack.command("retrace-admin", "policies")
     assert policies.returncode == 0, policies.stderr
@@ -163,6 +192,21 @@ def spool_full(stack: Stack, campaign: Campaign, scale: int) -> float:
         return time.time()
 
 
+CRASHED, CRASHED_BUILD = "crasher", 301
+
+
+def bad_downloads(stack: Stack, campaign: Campaign, scale: int) -> float:
+    """The crashed build is not mirrored yet, and Koji answers its first downloads of the
+    package with an HTML error page, then cuts one short: the mirror worker retries
+    them as bad downloads, and every task waits for the build and is retraced."""
+    store = campaign.store
+    with campaign.streaming(6 * scale, parallel=2, pause=0.5):
+        deadline = time.monotonic() + 180
+        while not store.find_packages(CRASHED, "fedora-40") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return time.time()
+
+
 PROBES = (
     Probe("broker connections closed every 3 s", broker_drops, uploads=20),
     Probe("analyzer SIGKILLed mid-retrace", analyzer_killed, uploads=16),
@@ -170,6 +214,7 @@ PROBES = (
     Probe("intake worker SIGKILLed mid-upload", intake_worker_killed, uploads=16),
     Probe("slow and idle clients", slow_clients, uploads=12),
     Probe("spool full (5 MiB tmpfs)", spool_full, uploads=12, small_spool=True),
+    Probe("bad downloads of the crashed build", bad_downloads, uploads=6, koji=True),
 )
 
 
@@ -177,18 +222,27 @@ def run_probe(
     probe: Probe, home: Path, broker_url: str, fixtures: Fixtures, scale: int = 1
 ) -> Verdict:
     """Start a stack, run the probe on it, judge, stop the stack."""
-    stack = stack_for(home, broker_url, fixtures, probe.small_spool)
+    koji = KojiStandIn(home.parent / "koji").start() if probe.koji else None
+    stack = stack_for(home, broker_url, fixtures, probe.small_spool, koji)
+    if koji is not None:
+        name = fixtures.rpm(CRASHED).filename
+        koji.html[name], koji.truncate[name] = 2, 1
     try:
         campaign = Campaign(stack, fixtures.crash.problem_dir, home)
         ended = probe.run(stack, campaign, scale)
         campaign.stream(2, parallel=1)  # after the fault: how soon is a task done again?
         verdict = campaign.judge(probe.name, ended, probe.patience)
+        if koji is not None:
+            name = fixtures.rpm(CRASHED).filename
+            assert (koji.html[name], koji.truncate[name]) == (0, 0), "no bad download was sent"
         still_serving = all(p.poll() is None for p in stack.processes)
         if not still_serving:
             verdict.stuck.append("a service exited")
         return verdict
     finally:
         stack.down()
+        if koji is not None:
+            koji.stop()
         if probe.small_spool:
             subprocess.run(["umount", "-l", str(home / "var" / "spool")], check=False)
 
