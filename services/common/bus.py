@@ -602,8 +602,6 @@ class Consumer:
 
     BACKOFF_FIRST = 0.5
     BACKOFF_CAP = 30.0
-    STABLE_AFTER = 30.0
-    """A connection that lived this long resets the backoff."""
 
     def __init__(self, url: str, heartbeat: int, arches: tuple[str, ...]) -> None:
         self._url = url
@@ -663,11 +661,12 @@ class Consumer:
         """Consume until :meth:`stop`, reconnecting whenever the broker goes away."""
         failures = 0
         while not self._stopping.is_set():
-            started = time.monotonic()
             try:
                 self._consume(declare_all=not self._declared)
             except (pika.exceptions.AMQPError, OSError) as exc:
-                if time.monotonic() - started > self.STABLE_AFTER:
+                # A connection that was up (a drop, not a broker refusing us) starts the
+                # backoff again from the first pause; only failed attempts grow it.
+                if self.connected.is_set():
                     failures = 0
                 delay = min(self.BACKOFF_CAP, self.BACKOFF_FIRST * 2**failures)
                 delay *= random.uniform(0.5, 1.0)  # noqa: S311 -- jitter, not secrecy
