@@ -36,7 +36,7 @@ integration: ## integration tests only (real RabbitMQ, gdb, RPM tools)
 	$(VENV)/pytest -m integration tests
 
 faults: setup ## the fault probes, longer than CI runs them, and their table (README, Reliability)
-	$(VENV)/python -m tests.faults --scale 5
+	$(VENV)/python -m tests.faults --scale 3
 
 fixtures: ## build the sample RPMs and crash into var/fixtures
 	$(VENV)/python -m tests.fixtures.build --out var/fixtures

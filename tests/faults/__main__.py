@@ -19,11 +19,15 @@ BROKER = "amqp://guest:guest@127.0.0.1:5672"
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.faults", description=__doc__)
     parser.add_argument("--scale", type=int, default=5, help="uploads and faults per probe, x")
+    parser.add_argument(
+        "--probe", action="append", help="run only the probes whose name contains this"
+    )
     args = parser.parse_args()
     fixtures = build_fixtures()
     rows = []
     clean = True
-    for probe in PROBES:
+    chosen = [p for p in PROBES if not args.probe or any(w in p.name for w in args.probe)]
+    for probe in chosen:
         vhost = f"retrace-faults-{uuid.uuid4().hex[:12]}"
         subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
         subprocess.run(
