@@ -33,14 +33,6 @@ class Answer:
         return self.body.decode("utf-8", errors="replace")
 
 
-@dataclass(frozen=True)
-class TaskStatus:
-    """What ``GET /<id>`` said."""
-
-    status: str
-    progress: str
-
-
 class Server:
     """A Retrace Server at ``uri`` (``https://host`` or ``http://host:port``)."""
 
@@ -148,11 +140,6 @@ class Server:
 def next_password(answer: Answer, current: str) -> str:
     """The password to use next: the server may rotate it with every answer."""
     return answer.headers.get("X-Task-Password") or current
-
-
-def status_of(answer: Answer) -> TaskStatus:
-    """The status and progress line of a ``GET /<id>`` answer."""
-    return TaskStatus(answer.headers.get("X-Task-Status", "UNKNOWN"), answer.text.strip())
 
 
 def parse_json(body: bytes) -> object:

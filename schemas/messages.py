@@ -21,7 +21,9 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
+"""What a task id looks like, everywhere: the intake makes 24 letters and digits."""
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 Arch = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
 
 

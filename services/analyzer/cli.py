@@ -9,6 +9,7 @@ import signal
 import sys
 from types import FrameType
 
+from schemas.messages import TASK_ID_PATTERN
 from schemas.topology import ANALYZE, ANALYZER_BUILD_SYNCED
 from services.analyzer.deadletters import DeadLetterHandler
 from services.analyzer.debugshell import ShellError, open_shell
@@ -27,7 +28,7 @@ from services.common.store import SchemaMismatch, Store
 
 log = logging.getLogger(__name__)
 
-_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from schemas.messages import AnalyzeTaskV1, Outcome, TaskFinishedV1, parse
+from schemas.messages import TASK_ID_PATTERN, AnalyzeTaskV1, Outcome, TaskFinishedV1, parse
 from services.analyzer.results import announce_finished
 from services.analyzer.tasklog import TaskLog
 from services.analyzer.worker import MAX_LEASE_WAITS, park_for_lease
@@ -26,7 +26,7 @@ from services.common.store import Store, Task, TaskStatus, aware
 
 log = logging.getLogger(__name__)
 
-_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 
 _WHY = {
     "delivery_limit": "the analysis was given up after it failed or its analyzer stopped on "

@@ -8,9 +8,8 @@ from typing import Any
 
 import falcon
 
+from schemas.messages import TASK_ID_PATTERN
 from services.intake.upload import ACCEPTED_FILES, DECODERS, REQUIRED_FILES
-
-TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 TEXT = {"text/plain": {"schema": {"type": "string"}}}
 JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}

@@ -10,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 
 import falcon
 
+from schemas.messages import TASK_ID_PATTERN
 from services.common.settings import IntakeSettings
 from services.common.spool import BACKTRACE, BACKTRACE_JSON, LOG, Spool
 from services.common.store import Store, Task, TaskStatus
 from services.intake import passwords
 from services.intake.clients import client_address
 from services.intake.errors import Refusal
-from services.intake.openapi import TASK_ID_PATTERN
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,17 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import falcon
 import sqlalchemy as sa
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import Metric as Metric_
+from prometheus_client.registry import Collector
 
 from services.common.logs import setup_logging
 from services.common.settings import MirrorSettings, Settings, load_settings, log_settings
@@ -81,18 +86,30 @@ METRICS = {
 """Every metric name, declared once; :func:`render_metrics` refuses any other."""
 
 
+class _Snapshot(Collector):
+    """The metric families read from the store for one scrape."""
+
+    def __init__(self, families: list[Metric_]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric_]:
+        yield from self._families
+
+
 def render_metrics(samples: list[tuple[str, dict[str, str], float]]) -> str:
-    """Prometheus' text format for ``(name, labels, value)`` samples of declared metrics."""
-    lines: list[str] = []
-    seen: set[str] = set()
+    """Prometheus' text format (prometheus-client's) for ``(name, labels, value)``
+    samples of declared metrics; an undeclared name is a bug (``KeyError``)."""
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
     for name, labels, value in samples:
-        metric = METRICS[name]  # an undeclared name is a bug: KeyError
-        if name not in seen:
-            seen.add(name)
-            lines += [f"# HELP {name} {metric.help}", f"# TYPE {name} {metric.kind}"]
-        label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
-    return "\n".join(lines) + "\n"
+        metric = METRICS[name]
+        family = families.get(name)
+        if family is None:
+            kind = CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily
+            family = families[name] = kind(name, metric.help, labels=sorted(labels))
+        family.add_metric([labels[key] for key in sorted(labels)], value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(list(families.values())))
+    return generate_latest(registry).decode()
 
 
 class MetricsResource:
@@ -127,7 +144,7 @@ class MetricsResource:
             samples.append(
                 ("retrace_mirror_koji_last_failure_timestamp_seconds", {}, unreachable.timestamp())
             )
-        resp.content_type = "text/plain; version=0.0.4"
+        resp.content_type = CONTENT_TYPE_LATEST
         resp.text = render_metrics(samples)
 
 

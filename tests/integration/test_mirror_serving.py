@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.runner import run
 from tests.fixtures.build import Fixtures, unpack_rpm
@@ -109,7 +110,13 @@ def test_metrics_and_heartbeats(http_face: str, crash_fixtures: Fixtures) -> Non
     with urllib.request.urlopen(f"{http_face}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     assert "# TYPE retrace_mirror_packages gauge" in text
-    assert f"retrace_mirror_packages {len(crash_fixtures.rpms)}\n" in text
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert values["retrace_mirror_packages"] == len(crash_fixtures.rpms)
+    assert values["retrace_mirror_packages_to_reindex"] == 0
     with urllib.request.urlopen(f"{http_face}/__heartbeat__", timeout=10) as answer:
         assert answer.status == 200
         assert b'"store": "ok"' in answer.read()
