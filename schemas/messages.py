@@ -21,6 +21,8 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from schemas.nvr import parse_nvr
+
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 """What a task id looks like, everywhere: the intake makes 24 letters and digits."""
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
@@ -153,7 +155,8 @@ class BuildSyncedV1(Message):
 
 def package_name(nvr: str) -> str:
     """The name part of an NVR (``crasher-1.0-1.fc40`` → ``crasher``)."""
-    return nvr.rsplit("-", 2)[0]
+    parsed = parse_nvr(nvr)
+    return nvr if parsed is None else parsed.name
 
 
 def legacy_schema_name(model: type[Message]) -> str:

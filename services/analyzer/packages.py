@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from schemas.nvr import ARCHES, Nvr, parse_nvr
 from services.analyzer.coredump import Module
 from services.analyzer.rootcache import RootCache
 from services.common.elf import NotElf, build_id_of, open_elf
@@ -44,8 +45,7 @@ from services.common.store import BuildIdHit, BuildIdKind, Package, Store
 BASE_PACKAGES = ("filesystem",)
 MAX_HINTS = 64
 DEBUG_DIR = "/usr/lib/debug"
-_ARCHES = r"x86_64|aarch64|ppc64le|ppc64|s390x|i686|noarch|armv7hl|riscv64"
-_ARCH_SUFFIX = re.compile(rf"\.({_ARCHES})$")
+_ARCHES = "|".join(ARCHES)
 # A debug file's name: the binary's, then "-VERSION-RELEASE.ARCH" (Fedora), then ".debug".
 _DEBUG_SUFFIX = re.compile(rf"(-[^/-]+-[^/-]+\.({_ARCHES}))?\.debug$")
 _FEDORA = re.compile(r"Fedora(?: Linux)? release (?P<version>\d+|Rawhide)", re.IGNORECASE)
@@ -53,26 +53,14 @@ _VERSION_ID = re.compile(r"^VERSION_ID=\"?(?P<version>\d+)\"?$", re.MULTILINE)
 _FEDORA_ID = re.compile(r"^ID=\"?fedora\"?$", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class Build:
-    """A name, version and release a hint names (a package's or its build's)."""
-
-    name: str
-    version: str
-    release: str
-
-    def __str__(self) -> str:
-        return f"{self.name}-{self.version}-{self.release}"
+Build = Nvr
+"""A build a hint names: a package's NVR, or its build's."""
 
 
-def parse_nvr(text: str) -> Build | None:
+def parse_hint(text: str) -> Build | None:
     """``NAME-[EPOCH:]VERSION-RELEASE[.ARCH]`` as a build, or ``None`` if it is not one."""
-    text = _ARCH_SUFFIX.sub("", text.strip())
-    parts = text.rsplit("-", 2)
-    if len(parts) != 3 or not all(parts):
-        return None
-    name, version, release = parts
-    return Build(name, version.split(":", 1)[-1], release)
+    nvr = parse_nvr(text)
+    return None if nvr is None else Nvr(nvr.name, nvr.version, nvr.release)
 
 
 def read_hints(crash_dir: Path) -> list[Build]:
@@ -85,7 +73,7 @@ def read_hints(crash_dir: Path) -> list[Build]:
             continue
         for line in lines[:MAX_HINTS]:
             words = line.split()
-            build = parse_nvr(words[0]) if words else None
+            build = parse_hint(words[0]) if words else None
             if build is not None and build not in builds:
                 builds.append(build)
     return builds
@@ -471,8 +459,7 @@ def _binary_path_of(debug_path: str) -> str | None:
 
 
 def _build_of(name: str) -> tuple[str, str, str, str] | None:
-    stem, dot, arch = name.rpartition(".")
-    parts = stem.rsplit("-", 2)
-    if not dot or len(parts) != 3:
+    nvr = parse_nvr(name)
+    if nvr is None or nvr.arch is None:
         return None
-    return parts[0], parts[1], parts[2], arch
+    return nvr.name, nvr.version, nvr.release, nvr.arch

@@ -220,6 +220,19 @@ class IndexEntry:
     source: IndexSource = IndexSource.HEADER
 
 
+class SyncState(StrEnum):
+    """What the mirror did with a Koji build (``koji_builds.state``)."""
+
+    MIRRORED = "mirrored"
+    """Every wanted package of it is in the repository and the index."""
+    REMOVED = "removed"
+    """Deleted in Koji, and removed here (``delete_on_deleted``)."""
+    SKIPPED = "skipped"
+    """Not mirrored on purpose: the settings do not want it, or there was nothing to do."""
+    FAILED = "failed"
+    """Given up on: its command was dead-lettered, with the reason."""
+
+
 class SchemaMismatch(Exception):
     """The database is not at the revision this code was written for."""
 
@@ -310,7 +323,7 @@ class KojiBuild:
     id: int
     nvr: str
     os_release: str | None
-    state: str
+    state: SyncState
     reason: str | None
     completed_at: datetime | None
     synced_at: datetime
@@ -1068,7 +1081,7 @@ class Store:
         build_id: int,
         nvr: str,
         os_release: str | None,
-        state: str,
+        state: SyncState,
         reason: str | None = None,
         completed_at: datetime | None = None,
         package_ids: Iterable[int] = (),
@@ -1113,7 +1126,7 @@ class Store:
     def _one_build(self, where: sa.ColumnElement[bool]) -> KojiBuild | None:
         with self.engine.connect() as conn:
             row = conn.execute(koji_builds.select().where(where)).mappings().first()
-        return None if row is None else KojiBuild(**row)
+        return None if row is None else KojiBuild(**{**row, "state": SyncState(row["state"])})
 
     def build_packages(self, build_id: int) -> list[Package]:
         """The mirrored packages that Koji build ``build_id`` brought."""

@@ -17,6 +17,7 @@ import falcon
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.messages import MirrorBuildV1, Nvr
+from schemas.nvr import parse_nvr
 from schemas.topology import MIRROR_BUILD
 from services.common.bus import Publish, PublishError
 from services.common.settings import IntakeSettings
@@ -227,13 +228,13 @@ class CheckPackageResource:
             raise Refusal(
                 400, "send the package as X-Package-NVR and X-Package-Arch", code="checkpackage"
             )
-        parts = nvr.rsplit("-", 2)
-        if len(parts) != 3 or not all(parts):
+        parsed = parse_nvr(nvr)
+        if parsed is None:
             raise Refusal(
                 400, f"X-Package-NVR {nvr[:80]!r} is not name-version-release", code="checkpackage"
             )
-        name, version, release = parts
-        version = version.split(":", 1)[-1]  # an epoch, if given, is not part of the index key
+        # An epoch, if given, is not part of the index key.
+        name, version, release = parsed.name, parsed.version, parsed.release
         os_releases = self._os_releases(req.get_header("X-OS-Release"))
         resp.content_type = falcon.MEDIA_TEXT
         found = self._store.holds_build(

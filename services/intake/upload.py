@@ -15,7 +15,6 @@ import io
 import lzma
 import os
 import queue
-import re
 import socket
 import tarfile
 import threading
@@ -28,6 +27,7 @@ from typing import IO, Protocol, cast
 
 import zstandard
 
+from schemas.nvr import parse_nvr
 from services.common.elf import NotACore, core_arch
 from services.intake.errors import Refusal
 
@@ -59,9 +59,6 @@ ACCEPTED_FILES: dict[str, int] = {
 }
 REQUIRED_FILES = ("coredump", "executable", "package")
 
-NVR = re.compile(
-    r"^(?P<name>[^\s/]+)-(?:(?P<epoch>\d+):)?(?P<version>[^-\s/:]+)-(?P<release>[^-\s/:]+)$"
-)
 
 MIB = 1 << 20
 
@@ -542,7 +539,7 @@ def _check_problem_dir(dest: Path, files: tuple[str, ...]) -> Crash:
             400, "file 'executable' must hold one absolute path without quotes", code="metadata"
         )
     package = _read_line(dest / "package", "package")
-    if not NVR.match(package):
+    if parse_nvr(package) is None:
         raise Refusal(
             400,
             f"file 'package' does not hold a package NVR(A): {package[:80]!r}",

@@ -17,13 +17,14 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.nvr import parse_nvr
 from services.common.bus import death_reason
-from services.common.store import KojiBuild, Store
+from services.common.store import KojiBuild, Store, SyncState
 from services.mirror.koji import KojiError, KojiHub, KojiUnavailable
 
 log = logging.getLogger(__name__)
 
-FAILED = "failed"
+FAILED = SyncState.FAILED
 """The ``koji_builds`` state of a build whose mirror command was dead-lettered."""
 
 REASON_HEADER = "x-retrace-reason"
@@ -59,7 +60,7 @@ def build_ref_of(body: bytes) -> int | str | None:
         return None
     if isinstance(ref, int) and ref > 0:
         return ref
-    if isinstance(ref, str) and 0 < len(ref) <= 512 and ref.count("-") >= 2:
+    if isinstance(ref, str) and parse_nvr(ref) is not None:
         return ref
     return None
 
@@ -78,7 +79,7 @@ class MirrorDeadLetters:
             log.error("dropping a dead-lettered mirror command that names no build: %s", reason)
             return
         known = self._store.get_build(ref) if isinstance(ref, int) else self._store.find_build(ref)
-        if known is not None and known.state == "mirrored":
+        if known is not None and known.state == SyncState.MIRRORED:
             # The files are in place from an earlier command; a later one dying changes nothing.
             log.warning(
                 "dead-lettered mirror command for build %s, already mirrored: %s", known.nvr, reason

@@ -28,7 +28,7 @@ from services.common.bus import Publish
 from services.common.rpm import os_release_of
 from services.common.runner import run
 from services.common.settings import MirrorSettings
-from services.common.store import Nevra, Package, Store
+from services.common.store import Nevra, Package, Store, SyncState
 from services.mirror.importer import import_rpm
 from services.mirror.koji import BuildState, KojiBuildInfo, KojiHub, KojiRpm, KojiUnavailable
 from services.mirror.repo import link, relative_path, update_metadata
@@ -62,7 +62,7 @@ class Synced:
     """What one command did."""
 
     build: KojiBuildInfo | None
-    action: str  # "mirrored", "removed", "skipped"
+    action: SyncState
     reason: str | None = None
     event: BuildSyncedV1 | None = None
 
@@ -110,11 +110,11 @@ class Fetcher:
         log.info("skipping build %s (%d): %s", build.nvr, build.id, reason)
         known = self._store.get_build(build.id)
         # A build once mirrored stays recorded as such: a later skip says nothing new.
-        if known is None or known.state != "mirrored":
+        if known is None or known.state != SyncState.MIRRORED:
             self._store.record_build(
-                build.id, build.nvr, release, "skipped", reason, build.completed_at
+                build.id, build.nvr, release, SyncState.SKIPPED, reason, build.completed_at
             )
-        return Synced(build, "skipped", reason)
+        return Synced(build, SyncState.SKIPPED, reason)
 
     def os_release(self, build: KojiBuildInfo) -> str | None:
         """The OS release a build belongs to: a configured Koji tag's, else its dist tag's."""
@@ -161,7 +161,7 @@ class Fetcher:
         known = self._store.get_build(build.id)
         # An earlier attempt may have placed files and failed before the metadata: only a
         # build already recorded as mirrored, with nothing new, can skip createrepo_c.
-        settled = new_files == 0 and known is not None and known.state == "mirrored"
+        settled = new_files == 0 and known is not None and known.state == SyncState.MIRRORED
         for arch in sorted(touched):
             folder = self._repo / release / arch
             if not settled or not (folder / "repodata" / "repomd.xml").exists():
@@ -170,7 +170,7 @@ class Fetcher:
             build.id,
             build.nvr,
             release,
-            "mirrored",
+            SyncState.MIRRORED,
             None,
             build.completed_at,
             [p.id for p in placed],
@@ -191,7 +191,7 @@ class Fetcher:
             len(placed),
             new_files,
         )
-        return Synced(build, "mirrored", None, event)
+        return Synced(build, SyncState.MIRRORED, None, event)
 
     def _link_noarch(self, package: Package, release: str) -> set[str]:
         for arch in self._settings.arches:
@@ -314,10 +314,12 @@ class Fetcher:
     def remove(self, build: KojiBuildInfo) -> Synced:
         """Remove a build's packages from the repository and the index, where configured."""
         if not self._settings.delete_on_deleted:
-            return Synced(build, "skipped", "mirror.delete_on_deleted is off: every version stays")
+            return Synced(
+                build, SyncState.SKIPPED, "mirror.delete_on_deleted is off: every version stays"
+            )
         known = self._store.get_build(build.id)
         if known is None or known.os_release is None:
-            return Synced(build, "skipped", "the mirror never held it")
+            return Synced(build, SyncState.SKIPPED, "the mirror never held it")
         release = known.os_release
         removed = self._store.build_packages(build.id)
         touched: set[str] = set()
@@ -333,7 +335,7 @@ class Fetcher:
             self._store.remove_package(package.id)
         for arch in sorted(touched):
             update_metadata(self._repo / release / arch, self._settings.createrepo_workers)
-        self._store.record_build(build.id, build.nvr, release, "removed", "deleted in Koji")
+        self._store.record_build(build.id, build.nvr, release, SyncState.REMOVED, "deleted in Koji")
         event = BuildSyncedV1(
             build_id=build.id,
             nvr=build.nvr,
@@ -343,4 +345,4 @@ class Fetcher:
         )
         self._publish(BUILD_SYNCED, event, None)
         log.info("removed build %s (%d): %d RPMs", build.nvr, build.id, len(removed))
-        return Synced(build, "removed", None, event)
+        return Synced(build, SyncState.REMOVED, None, event)
