@@ -19,15 +19,18 @@ stop: ## stop the services the demo left running
 test: setup lint typecheck ## the whole suite: lint, types, unit and integration tests
 	$(VENV)/pytest -p no:cacheprovider tests
 
+BENCH_SCRIPTS := bench/retrace bench/minicore bench/slowclients bench/profile_cold
+
 lint: ## ruff lint and format check
-	$(VENV)/ruff check .
-	$(VENV)/ruff format --check .
+	$(VENV)/ruff check . $(BENCH_SCRIPTS)
+	$(VENV)/ruff format --check . $(BENCH_SCRIPTS)
 
 typecheck: ## mypy, strict
 	$(VENV)/mypy
 	# Scripts without .py are each a module named __main__: one mypy run apiece.
 	$(VENV)/mypy bench/minicore
 	$(VENV)/mypy bench/slowclients
+	$(VENV)/mypy bench/profile_cold
 
 unit: ## unit tests only
 	$(VENV)/pytest tests/unit
