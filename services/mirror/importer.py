@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.rpm import RpmError, os_release_of
-from services.common.store import Nevra, Package, Store
+from services.common.store import Nevra, Package, PackageConflict, Store
 from services.mirror.index import RpmIndex, index_rpm
 from services.mirror.repo import place, relative_path, sha256_of
 
@@ -40,11 +40,18 @@ def import_rpm(store: Store, repo: Path, path: Path, os_release: str | None = No
             f"{path.name}: its release {header.release!r} has no dist tag such as "
             "'.fc40'; name the OS release with --release"
         )
+    nevra = Nevra(header.name, header.epoch, header.version, header.release, header.arch)
+    known = store.find_package(nevra, release)
+    if known is not None and known.sha256 != sha256:
+        # Refused before the repository is touched: the file there stays the indexed one.
+        raise PackageConflict(
+            f"{nevra} for {release} is already mirrored with a different content "
+            f"(sha256 {known.sha256}, this file {sha256})"
+        )
     relative = relative_path(release, header.arch, path.name)
     final = repo / relative
     if not final.exists() or sha256_of(final) != sha256:
         place(path, repo, relative)
-    nevra = Nevra(header.name, header.epoch, header.version, header.release, header.arch)
     package, new = store.add_package(
         nevra,
         release,

@@ -107,3 +107,23 @@ def test_services_refuse_to_start_on_an_unmigrated_database(
     done = stack.command(*argv)
     assert done.returncode == 2
     assert "run 'retrace-admin migrate'" in done.stderr
+
+
+def test_another_file_under_a_mirrored_nevra_is_refused_and_the_repo_keeps_the_indexed_one(
+    home: Stack, crash_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    crasher = crash_fixtures.rpm("crasher")
+    done = home.command("retrace-mirror", "import", str(crasher.path))
+    assert done.returncode == 0, done.stderr
+    # The same package with one byte of its signature header changed: still a readable
+    # RPM of the same NEVRA, but another file.
+    other = tmp_path / crasher.filename
+    data = bytearray(crasher.path.read_bytes())
+    index_count = int.from_bytes(data[96 + 8 : 96 + 12], "big")
+    data[96 + 16 + 16 * index_count] ^= 0xFF
+    other.write_bytes(bytes(data))
+    refused = home.command("retrace-mirror", "import", str(other))
+    assert refused.returncode == 1
+    assert "already mirrored with a different content" in refused.stderr
+    placed = home.home / "var/repo/fedora-40/x86_64/Packages" / crasher.filename
+    assert placed.read_bytes() == crasher.path.read_bytes()
