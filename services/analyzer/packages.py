@@ -179,6 +179,8 @@ class Finder:
         self._arch = arch
         self._hints = read_hints(crash_dir) if crash_dir is not None else []
         self._declared = declared_release(crash_dir) if crash_dir is not None else None
+        self._links: dict[tuple[str, int], str] = {}
+        self._files: dict[int, frozenset[str]] = {}  # package id -> its paths, read once
 
     @property
     def declared_release(self) -> str | None:
@@ -256,10 +258,12 @@ class Finder:
         return served
 
     def _installs(self, package: Package) -> frozenset[str]:
-        try:
-            return frozenset(self._cache.header(package).files)
-        except (PayloadError, OSError):
-            return frozenset()
+        if package.id not in self._files:
+            try:
+                self._files[package.id] = frozenset(self._cache.header(package).files)
+            except (PayloadError, OSError):
+                self._files[package.id] = frozenset()
+        return self._files[package.id]
 
     # -- 3. debug files by path ------------------------------------------------
 
