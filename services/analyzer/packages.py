@@ -29,12 +29,13 @@ import posixpath
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from schemas.nvr import ARCHES, Nvr, parse_nvr
 from services.analyzer.coredump import Module
-from services.analyzer.rootcache import RootCache
+from services.analyzer.rootcache import UNPACK_WORKERS, Only, RootCache, UnpackedPackage
 from services.common.elf import NotElf, build_id_of, open_elf
 from services.common.rpm import os_release_of
 from services.common.rpmfile import PayloadError
@@ -45,6 +46,7 @@ from services.common.store import BuildIdHit, BuildIdKind, Package, Store
 BASE_PACKAGES = ("filesystem",)
 MAX_HINTS = 64
 DEBUG_DIR = "/usr/lib/debug"
+DWZ_DIR = f"{DEBUG_DIR}/.dwz/"
 _ARCHES = "|".join(ARCHES)
 # A debug file's name: the binary's, then "-VERSION-RELEASE.ARCH" (Fedora), then ".debug".
 _DEBUG_SUFFIX = re.compile(rf"(-[^/-]+-[^/-]+\.({_ARCHES}))?\.debug$")
@@ -120,6 +122,12 @@ class Resolution:
     extra: list[Package] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     os_release: str | None = None
+    only: dict[int, frozenset[str]] = field(default_factory=dict)
+    """Packages (by id) the root takes some files of: those files' paths."""
+
+    def only_by_digest(self) -> Only:
+        """:attr:`only` as the root cache keys it: by each package's sha256."""
+        return {p.sha256: self.only[p.id] for p in self.packages if p.id in self.only}
 
     @property
     def packages(self) -> list[Package]:
@@ -381,19 +389,30 @@ class Finder:
     def find_shared_dwarf(self, result: Resolution) -> list[tuple[str, Package | None, str]]:
         """The packages holding the ``.dwz`` files the debug files point to.
 
-        Adds them to ``result.extra`` and returns ``(name, package or None, how)``
+        First decides which files of each debuginfo package the root takes
+        (:meth:`narrow`) and unpacks those, side by side.  Adds the shared files'
+        packages to ``result.extra`` and returns ``(name, package or None, how)``
         for the log.  Each debug file's ``.gnu_debugaltlink`` names the shared file
         (a relative path and its build-id); it is found by build-id, by its indexed
-        path, or by the build its name spells (``NAME-VERSION-RELEASE.ARCH``).
+        path, or by the build its name spells.
         """
+        self.narrow(result)
+        debug = {s.debug.id: s.debug for s in result.served if s.debug and s.debug_path}
+        with ThreadPoolExecutor(max_workers=UNPACK_WORKERS) as pool:
+            unpacked = dict(
+                zip(
+                    debug,
+                    pool.map(lambda p: self._unpacked(p, result), debug.values()),
+                    strict=True,
+                )
+            )
         report: list[tuple[str, Package | None, str]] = []
         have = {p.id for p in result.packages}
         seen: set[str] = set()
         for served in result.served:
             if served.debug is None or served.debug_path is None:
                 continue
-            files = self._cache.unpacked(served.debug)[0]
-            debug_file = files.find(served.debug_path)
+            debug_file = unpacked[served.debug.id].find(served.debug_path)
             if debug_file is None:
                 continue
             try:
@@ -409,10 +428,45 @@ class Finder:
             package, how = self._dwz_package(link.build_id, where, result.os_release)
             name = f".dwz/{posixpath.basename(where)} [{link.build_id}]"
             report.append((name, package, how))
-            if package is not None and package.id not in have:
+            if package is None:
+                continue
+            if package.id in result.only:
+                result.only[package.id] |= {where}
+            elif package.id not in have:
+                result.only[package.id] = frozenset({where})
+            if package.id not in have:
                 have.add(package.id)
                 result.extra.append(package)
         return report
+
+    def narrow(self, result: Resolution) -> None:
+        """Set ``result.only``: of each debuginfo package whose debug files the index
+        names, the root takes those files, the gdb scripts beside them
+        (``<file>-gdb.py``) and the package's shared DWARF (``.dwz/``); every other
+        package it takes whole."""
+        named: dict[int, set[str]] = defaultdict(set)
+        whole = {p.id for p in result.extra}
+        for served in result.served:
+            if served.binary is not None:
+                whole.add(served.binary.id)
+            if served.debug is None:
+                continue
+            if served.debug_path is None:
+                whole.add(served.debug.id)
+            else:
+                named[served.debug.id].add(served.debug_path)
+        packages = {p.id: p for p in result.packages}
+        for package_id, paths in named.items():
+            if package_id in whole or package_id not in packages:
+                continue
+            files = self._installs(packages[package_id])
+            scripts = tuple(f"{path}-gdb." for path in paths)
+            result.only[package_id] = frozenset(
+                paths | {f for f in files if f.startswith((*scripts, DWZ_DIR))}
+            )
+
+    def _unpacked(self, package: Package, result: Resolution) -> UnpackedPackage:
+        return self._cache.unpacked(package, result.only.get(package.id))[0]
 
     def _dwz_package(
         self, build_id: str, path: str, os_release: str | None

@@ -90,7 +90,7 @@ def retrace(job: Job) -> Retrace:
             job.log.add(
                 f"The package set is kept for 'retrace-analyzer shell' in {job.manifest.name}"
             )
-        prepare_root(job, resolution.packages, root)
+        prepare_root(job, resolution, root)
         exe_in_root = root / executable.lstrip("/")
         if not exe_in_root.is_file():
             raise RetraceFailure(f"The executable {executable} is in none of the core's packages.")
@@ -252,16 +252,20 @@ def find_shared_dwarf(job: Job, finder: Finder, resolution: Resolution) -> list[
     return [p for p in resolution.extra if p.id not in before]
 
 
-def prepare_root(job: Job, packages: list[Package], root: Path) -> None:
+def prepare_root(job: Job, resolution: Resolution, root: Path) -> None:
     """Step 3: the root, assembled from the unpacked-package cache."""
     with job.log.step("Preparing the root"):
+        packages = resolution.packages
         try:
-            for warning in job.cache.assemble(packages, root):
+            for warning in job.cache.assemble(packages, root, resolution.only_by_digest()):
                 job.log.warn(warning)
         except PayloadError as exc:
             raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
         for package in packages:
             job.log.add(f"  {package.nevra} ({package.os_release})")
+            only = resolution.only.get(package.id)
+            if only is not None:
+                job.log.add(f"    of which only {', '.join(sorted(only))}")
 
 
 def sandbox_for(settings: AnalyzerSettings) -> Sandbox:

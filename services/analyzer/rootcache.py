@@ -10,6 +10,13 @@ kept too, under ``<cache>/roots/<key>/``, keyed by the ordered digests of their
 packages: gdb only ever reads a root (the sandbox mounts it read-only), so a
 package set seen before is served by the same tree.
 
+A root may take only some files of a package (``only``: the debug files a crash
+needs out of a debuginfo package of hundreds of MiB).  Its entry then holds the
+data of those files alone and the paths of all; a later root that needs other
+files of it has them written into the same entry (:func:`~services.analyzer.unpack.fill_rpm`).
+A kept root's key names the files it took, so it is never served to a crash that
+needs others.
+
 The cache has a size bound.  A task holds a shared lock on each entry it uses
 (:meth:`RootCache.lease`); beyond the bound, the least recently used entries that
 no task holds are removed.  Every thread and process on the host follows the
@@ -30,14 +37,14 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-from services.analyzer.unpack import DIR, FILE, LINK, Entry, shown, unpack_rpm
+from services.analyzer.unpack import DIR, FILE, LINK, Entry, fill_rpm, shown, unpack_rpm
 from services.common.rpmfile import RpmHeader, read_header
 from services.common.store import Package
 
@@ -53,6 +60,11 @@ FIRST_LAYOUT = ("rpms",)
 """Folders of the cache's first layout (a tree per RPM), unused since."""
 
 
+Only = Mapping[str, frozenset[str]]
+"""The packages of a root that it takes only some files of: each one's sha256, and
+those files' paths (absolute, as the package installs them; links are followed)."""
+
+
 @dataclass(frozen=True)
 class UnpackedPackage:
     """One RPM in the cache: where its file data lies, and the paths it installs."""
@@ -61,6 +73,8 @@ class UnpackedPackage:
     size: int
     warnings: tuple[str, ...]
     entries: tuple[Entry, ...]
+    absent: frozenset[str] = frozenset()
+    """Data not written yet: the names the file entries give it."""
 
     @classmethod
     def load(cls, folder: Path) -> UnpackedPackage:
@@ -68,7 +82,9 @@ class UnpackedPackage:
         with (folder / MANIFEST).open() as manifest:
             header = json.loads(manifest.readline())
             entries = tuple(Entry(*entry) for entry in json.loads(manifest.readline()))
-        return cls(folder, header["size"], tuple(header["warnings"]), entries)
+            absent = manifest.readline()  # none before partial entries were kept
+        names = frozenset(json.loads(absent)) if absent else frozenset()
+        return cls(folder, header["size"], tuple(header["warnings"]), entries, names)
 
     @staticmethod
     def size_of(folder: Path) -> int:
@@ -77,30 +93,60 @@ class UnpackedPackage:
             return int(json.loads(manifest.readline())["size"])
 
     def save(self, folder: Path) -> None:
-        """Write the manifest into ``folder``: a line of JSON with the size and warnings
-        (all eviction reads), then a line with the entries."""
+        """Write the manifest into ``folder``, whole or not at all: a line of JSON with
+        the size and warnings (all eviction reads), a line with the entries, a line with
+        the data not written."""
         header = {"size": self.size, "warnings": list(self.warnings)}
         entries = [[e.kind, e.path, e.value] for e in self.entries]
-        with (folder / MANIFEST).open("w") as manifest:
+        partial = folder / f".{MANIFEST}-{secrets.token_hex(4)}"
+        with partial.open("w") as manifest:
             manifest.write(f"{json.dumps(header)}\n{json.dumps(entries)}\n")
+            manifest.write(f"{json.dumps(sorted(self.absent))}\n")
+        partial.replace(folder / MANIFEST)
 
     @cached_property
     def _by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self.entries}
 
-    def find(self, path: str) -> Path | None:
-        """The data of the file installed at ``path``, following this package's own links."""
+    def _file(self, path: str) -> Entry | None:
+        """The file entry installed at ``path``, following this package's own links."""
         by_path = self._by_path
-        wanted = posixpath.normpath(path).lstrip("/")
-        for _ in range(MAX_LINK_HOPS):
-            entry = by_path.get(wanted)
-            if entry is None or entry.kind == DIR:
-                return None
-            if entry.kind == FILE:
-                return self.folder / entry.value
-            base = "/" if entry.value.startswith("/") else posixpath.dirname(f"/{wanted}")
-            wanted = posixpath.normpath(posixpath.join(base, entry.value)).lstrip("/")
-        return None
+        real = real_path(
+            path, lambda p: e.value if (e := by_path.get(p)) and e.kind == LINK else None
+        )
+        entry = by_path.get(real) if real is not None else None
+        return entry if entry is not None and entry.kind == FILE else None
+
+    def find(self, path: str) -> Path | None:
+        """The data of the file installed at ``path``, following this package's own links;
+        None if there is no such file or its data was not written."""
+        entry = self._file(path)
+        if entry is None or entry.value in self.absent:
+            return None
+        return self.folder / entry.value
+
+    def data_of(self, paths: Iterable[str]) -> frozenset[str]:
+        """The names of the data of the files installed at ``paths``."""
+        return frozenset(e.value for path in paths if (e := self._file(path)) is not None)
+
+    def lacking(self, paths: Iterable[str] | None) -> frozenset[str]:
+        """The data not written yet of the files at ``paths`` (of every file with None)."""
+        if not self.absent:
+            return frozenset()
+        return self.absent if paths is None else self.data_of(paths) & self.absent
+
+
+def real_path(path: str, link_of: Callable[[str], str | None]) -> str | None:
+    """``path`` (relative to ``/``) with the links ``link_of`` knows followed, up to
+    :data:`MAX_LINK_HOPS`; None when they go round."""
+    wanted = posixpath.normpath(path).lstrip("/")
+    for _ in range(MAX_LINK_HOPS):
+        target = link_of(wanted)
+        if target is None:
+            return wanted
+        base = "/" if target.startswith("/") else posixpath.dirname(f"/{wanted}")
+        wanted = posixpath.normpath(posixpath.join(base, target)).lstrip("/")
+    return None
 
 
 class _Flock(ctypes.Structure):
@@ -288,36 +334,77 @@ class RootCache:
         """``package``'s header, read from the repository (its payload is not read)."""
         return read_header(self._repo / package.path)
 
-    def unpacked(self, package: Package) -> tuple[UnpackedPackage, bool]:
-        """``package``'s files, unpacking it if needed.
+    def unpacked(
+        self, package: Package, only: frozenset[str] | None = None
+    ) -> tuple[UnpackedPackage, bool]:
+        """``package``'s files, unpacking it if needed; with ``only`` (paths), the data
+        of those files alone, of every file without.
 
-        Returns them and whether this call unpacked them.  Two threads or
+        Returns them and whether this call wrote any data.  Two threads or
         processes asking at once unpack it once: the second waits for the first.
         Raises :class:`~services.analyzer.unpack.PayloadError` when the RPM
         cannot be unpacked.
         """
         final = self._packages / package.sha256
         cached = self._load(final)
-        if cached is not None:
+        if cached is not None and not cached.lacking(only):
             return cached, False
         with self._locks.held([f"unpack {package.sha256}"]):
             cached = self._load(final)
-            if cached is not None:
+            if cached is None:
+                return self._unpack(package, final, only), True
+            lacking = cached.lacking(only)
+            if not lacking:
                 return cached, False
-            staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self._packages))
-            try:
-                unpacked = unpack_rpm(self._repo / package.path, staging, package.sha256)
-                result = UnpackedPackage(
-                    final, unpacked.size, tuple(unpacked.warnings), tuple(unpacked.entries)
-                )
-                result.save(staging)
-                if final.exists():  # a damaged entry
-                    shutil.rmtree(final)
-                staging.replace(final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-        return result, True
+            return self._fill(package, cached, lacking), True
+
+    def _unpack(
+        self, package: Package, final: Path, only: frozenset[str] | None
+    ) -> UnpackedPackage:
+        rpm = self._repo / package.path
+        staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self._packages))
+        try:
+            wanted = None if only is None else self._real_paths(package, only)
+            unpacked = unpack_rpm(rpm, staging, package.sha256, wanted)
+            result = UnpackedPackage(
+                final,
+                unpacked.size,
+                tuple(unpacked.warnings),
+                tuple(unpacked.entries),
+                frozenset(unpacked.absent),
+            )
+            lacking = result.lacking(only)
+            if lacking:  # a hard link whose data came before the name asked for
+                result = self._fill(package, replace(result, folder=staging), lacking)
+                result = replace(result, folder=final)
+            result.save(staging)
+            if final.exists():  # a damaged entry
+                shutil.rmtree(final)
+            staging.replace(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return result
+
+    def _fill(
+        self, package: Package, cached: UnpackedPackage, names: frozenset[str]
+    ) -> UnpackedPackage:
+        """Write the data ``names`` into ``cached``'s folder; save its manifest so."""
+        written = fill_rpm(self._repo / package.path, cached.folder, package.sha256, names)
+        result = replace(cached, size=cached.size + written, absent=cached.absent - names)
+        result.save(cached.folder)
+        return result
+
+    def _real_paths(self, package: Package, paths: frozenset[str]) -> frozenset[str]:
+        """``paths`` relative to ``/`` with the package's links followed, by its header."""
+        header = self.header(package)
+        links = {
+            path.lstrip("/"): target
+            for path, target in zip(header.files, header.link_targets, strict=True)
+            if target
+        }
+        real = (real_path(path, links.get) for path in paths)
+        return frozenset(path for path in real if path is not None)
 
     @staticmethod
     def _load(entry: Path) -> UnpackedPackage | None:
@@ -346,36 +433,41 @@ class RootCache:
                 found.append(kept)
         return found
 
-    def assemble(self, packages: list[Package], root: Path) -> list[str]:
+    def assemble(self, packages: list[Package], root: Path, only: Only | None = None) -> list[str]:
         """Make ``root`` (which must not exist) the root of ``packages``; return warnings.
 
         ``root`` becomes a link to the kept root of this package set, built now
         unless it was built before.  A path two packages both ship comes from the
-        first in ``packages``.  Hold a :meth:`lease` on ``packages`` while the
-        root is in use.
+        first in ``packages``.  Of a package in ``only``, the root takes the files
+        named there (and every folder and link).  Hold a :meth:`lease` on
+        ``packages`` while the root is in use.
         """
+        only = only or {}
         keys = [p.sha256 for p in packages]
-        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+        key = [f"{k} {json.dumps(sorted(only[k]))}" if k in only else k for k in keys]
+        name = hashlib.sha256("\n".join(key).encode()).hexdigest()
         kept = self._roots / name
         if not (kept / ROOT_INFO).exists():
             with self._locks.held([f"root {name}"]):
                 if not (kept / ROOT_INFO).exists():
-                    self._build_root(packages, kept)
+                    self._build_root(packages, kept, only)
         _mark_used(kept / ROOT_INFO)
         root.parent.mkdir(parents=True, exist_ok=True)
         root.symlink_to(kept / "tree")
         return list(json.loads((kept / ROOT_INFO).read_text())["warnings"])
 
-    def _build_root(self, packages: list[Package], kept: Path) -> None:
+    def _build_root(self, packages: list[Package], kept: Path, only: Only) -> None:
         staging = Path(tempfile.mkdtemp(prefix=".root-", dir=self._roots))
         try:
             # Unpacking is one decompressor per RPM: run them side by side.
             with ThreadPoolExecutor(max_workers=UNPACK_WORKERS) as pool:
-                unpacked = list(pool.map(self.unpacked, packages))
+                unpacked = list(pool.map(lambda p: self.unpacked(p, only.get(p.sha256)), packages))
             layout = _Layout(staging / "tree")
             for package, (files, _) in zip(packages, unpacked, strict=True):
                 layout.warnings += files.warnings
-                layout.place(files, str(package.nevra))
+                paths = only.get(package.sha256)
+                data = None if paths is None else files.data_of(paths)
+                layout.place(files, str(package.nevra), data)
             info = {"packages": [p.sha256 for p in packages], "warnings": layout.warnings}
             (staging / ROOT_INFO).write_text(json.dumps(info))
             if any(fresh for _, fresh in unpacked):
@@ -443,11 +535,17 @@ class _Layout:
         self._warned: set[tuple[str, str]] = set()
         self.warnings: list[str] = []
 
-    def place(self, package: UnpackedPackage, origin: str) -> None:
+    def place(
+        self, package: UnpackedPackage, origin: str, only: frozenset[str] | None = None
+    ) -> None:
+        """Lay out ``package``'s paths; of its files, only those whose data ``only``
+        names, if given."""
         data = str(package.folder)
         for entry in package.entries:
             if entry.kind == DIR:
                 self._folder(entry.path, origin)
+                continue
+            if only is not None and entry.kind == FILE and entry.value not in only:
                 continue
             parent, _, _ = entry.path.rpartition("/")
             real_parent = self._folder(parent, origin)

@@ -8,6 +8,12 @@ process (:mod:`services.common.rpmfile`, the reader the mirror uses too) and onl
 each regular file's data is written, flat, to the destination; the paths, folders
 and links come back as a list of :class:`Entry`.  Set-id bits are dropped;
 devices, FIFOs and odd links are skipped, each with a warning.
+
+A root rarely needs every file of a debuginfo package: a crash needs the debug
+files of its own modules, a few out of hundreds of MiB.  With ``only``, the other
+files' data is not written; their entries still name it (each file's data is
+named by its member's place in the archive, the same on every read), and
+:func:`fill_rpm` writes what a later crash needs, reading the RPM again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,17 @@ from pathlib import Path
 
 from services.common.rpmfile import Member, PayloadError, RpmReader, shown
 
-__all__ = ["DIR", "FILE", "LINK", "Entry", "PayloadError", "Unpacked", "shown", "unpack_rpm"]
+__all__ = [
+    "DIR",
+    "FILE",
+    "LINK",
+    "Entry",
+    "PayloadError",
+    "Unpacked",
+    "fill_rpm",
+    "shown",
+    "unpack_rpm",
+]
 
 # Readable by the sandbox's user, never set-id, never writable by others.
 FILE_MODE_MASK = 0o755
@@ -52,35 +68,65 @@ class Unpacked:
     files: int = 0
     """Files written to the destination (the names of a hard-linked set share one)."""
     warnings: list[str] = field(default_factory=list)
+    absent: set[str] = field(default_factory=set)
+    """Data left out (``only``): the names the entries give it, not written."""
 
 
-def unpack_rpm(rpm: Path, dest: Path, sha256: str | None = None) -> Unpacked:
+def unpack_rpm(
+    rpm: Path, dest: Path, sha256: str | None = None, only: frozenset[str] | None = None
+) -> Unpacked:
     """Read the RPM at ``rpm``: its paths, and its files' data written to ``dest``.
 
-    ``dest`` (an empty folder) stays flat: the data of the n-th file is written to
-    ``dest/<n>`` with the file's permissions and time; folders and links exist
-    only as :class:`Entry` values.  Laying the paths out is for the caller, which
-    can then place them straight where they belong (a root is built of hard links
-    to these files), so that no folder or link is made twice.  With ``sha256``,
-    the whole file must have that digest (the one the mirror recorded) or the
-    unpacking fails; the caller then discards what was written.
+    ``dest`` (an empty folder) stays flat: the data of a file is written to
+    ``dest/<n>``, ``n`` its member's place in the archive, with the file's
+    permissions and time; folders and links exist only as :class:`Entry` values.
+    Laying the paths out is for the caller, which can then place them straight
+    where they belong (a root is built of hard links to these files), so that no
+    folder or link is made twice.  With ``only`` (paths relative to ``/``, as
+    entries name them), only those files' data is written; the rest is listed in
+    :attr:`Unpacked.absent`.  With ``sha256``, the whole file must have that
+    digest (the one the mirror recorded) or the unpacking fails; the caller then
+    discards what was written.
     """
     with RpmReader(rpm, sha256) as reader:
-        return _Extractor(reader, dest).run()
+        return _Extractor(reader, dest, only=only).run()
+
+
+def fill_rpm(rpm: Path, dest: Path, sha256: str | None, names: frozenset[str]) -> int:
+    """Write into ``dest`` the data ``names`` that :func:`unpack_rpm` left out there.
+
+    Each file appears whole or not at all (written aside, then renamed), so a
+    reader of ``dest`` never sees one half written.  Returns the bytes written.
+    """
+    with RpmReader(rpm, sha256) as reader:
+        return _Extractor(reader, dest, fill=names).run().size
 
 
 class _Extractor:
-    def __init__(self, reader: RpmReader, dest: Path) -> None:
+    def __init__(
+        self,
+        reader: RpmReader,
+        dest: Path,
+        *,
+        only: frozenset[str] | None = None,
+        fill: frozenset[str] | None = None,
+    ) -> None:
         self._reader = reader
         self._dest = str(dest)
+        self._only = only
+        self._fill = fill
         # One list, so that the reader's warnings and ours stay in archive order.
         self._result = Unpacked(warnings=reader.warnings)
-        # Hard links: rpm writes the data with one name of the set and none with the others.
+        self._place = 0  # the current member's place in the archive: its data's name
+        # Hard links: rpm writes the data with one name of the set (the last) and none
+        # with the others.
         self._linked_data: dict[int, str] = {}
-        self._linked_waiting: dict[int, list[tuple[str, int, int]]] = {}
+        self._linked_waiting: dict[int, list[tuple[str, int, int, int]]] = {}
+        self._wanted_inodes: set[int] = set()
 
     def run(self) -> Unpacked:
-        for member in self._reader.members():
+        for place, member in enumerate(self._reader.members()):
+            self._place = place
             kind = member.kind
             if kind == stat.S_IFDIR:
                 self._result.entries.append(Entry(DIR, member.path))
@@ -91,9 +137,11 @@ class _Extractor:
             else:
                 self._warn(member.path, "is a device, FIFO or socket; skipped")
         for names in self._linked_waiting.values():  # a set whose files are all empty
-            _, mode, mtime = names[0]
-            data = self._write_data(None, mode, mtime)
-            self._result.entries += [Entry(FILE, name, data) for name, _, _ in names]
+            _, mode, mtime, place = names[0]
+            data = str(place)
+            if self._fill is None:  # written by the first reading, whatever it kept
+                self._write_data(None, data, mode, mtime)
+            self._result.entries += [Entry(FILE, name, data) for name, _, _, _ in names]
         return self._result
 
     def _link(self, member: Member) -> None:
@@ -103,37 +151,53 @@ class _Extractor:
         target = member.read()
         if target and b"\0" not in target:
             self._result.entries.append(Entry(LINK, member.path, os.fsdecode(target)))
-            self._result.size += member.size
+            if self._fill is None:
+                self._result.size += member.size
         else:
             self._warn(member.path, "is a link with an empty or NUL-bearing target; skipped")
 
     def _file(self, member: Member) -> None:
         path, inode, links = member.path, member.inode, member.links
         if links > 1 and member.size == 0:
+            if self._only is not None and path in self._only:
+                self._wanted_inodes.add(inode)
             data = self._linked_data.get(inode)
             if data is None:
-                self._linked_waiting.setdefault(inode, []).append((path, member.mode, member.mtime))
+                name = (path, member.mode, member.mtime, self._place)
+                self._linked_waiting.setdefault(inode, []).append(name)
             else:
                 self._result.entries.append(Entry(FILE, path, data))
             return
-        data = self._write_data(member, member.mode, member.mtime)
+        data = str(self._place)
+        if self._keeps(path, inode, data):
+            self._write_data(member, data, member.mode, member.mtime)
+        else:
+            self._result.absent.add(data)
         self._result.entries.append(Entry(FILE, path, data))
         if links > 1:
             self._linked_data[inode] = data
-            for waiting, _, _ in self._linked_waiting.pop(inode, []):
+            for waiting, _, _, _ in self._linked_waiting.pop(inode, []):
                 self._result.entries.append(Entry(FILE, waiting, data))
+
+    def _keeps(self, path: str, inode: int, data: str) -> bool:
+        if self._fill is not None:
+            return data in self._fill
+        return self._only is None or path in self._only or inode in self._wanted_inodes
 
     def _warn(self, path: str, text: str) -> None:
         self._result.warnings.append(f"{self._reader.name}: /{shown(path)} {text}")
 
-    def _write_data(self, member: Member | None, mode: int, mtime: int) -> str:
-        name = str(self._result.files)
-        with open(f"{self._dest}/{name}", "xb") as out:  # noqa: PTH123 -- strings, hot path
+    def _write_data(self, member: Member | None, name: str, mode: int, mtime: int) -> None:
+        final = f"{self._dest}/{name}"
+        # A fill writes beside data that roots already link to: aside first, then renamed.
+        path = final if self._fill is None else f"{self._dest}/.fill-{name}"
+        with open(path, "wb" if self._fill else "xb") as out:  # noqa: PTH123 -- hot path
             if member is not None:
                 member.copy_to(out)
                 self._result.size += member.size
             out.flush()
             os.fchmod(out.fileno(), (mode & FILE_MODE_MASK) | stat.S_IRUSR)
             os.utime(out.fileno(), (mtime, mtime))
+        if path != final:
+            os.replace(path, final)  # noqa: PTH105 -- strings, as above
         self._result.files += 1
-        return name

@@ -245,6 +245,17 @@ def test_programs_dying_the_usual_ways_are_retraced(
     module_line = next(line for line in log.splitlines() if f"  {crash.executable} [" in line)
     assert f": {oddities}, debuginfo " in module_line, module_line
     assert f"found: {how}" in module_line, module_line
+    # Of the package's debuginfo, the root took this program's debug file alone (all
+    # five crashes share the cache: each later one had its file written into the entry).
+    debuginfo = crash_fixtures.rpm("oddities-debuginfo")
+    taken = re.search(rf"  {re.escape(debuginfo.nevra)} \(\S+\)\n\S+ +of which only (.*)\n", log)
+    if name == "no-build-id":  # no debug file is indexed for it: the package is taken whole
+        assert taken is None, log
+    else:
+        assert taken is not None, log
+        assert taken[1] == f"/usr/lib/debug{crash.executable}-{debuginfo.version}-" + (
+            f"{debuginfo.release}.{debuginfo.arch}.debug"
+        )
     if name == "assert-abort":
         assert "there is always a record" in backtrace  # __abort_msg
     if name == "second-thread":

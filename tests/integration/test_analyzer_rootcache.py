@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.analyzer.rootcache import RootCache
+from services.analyzer.rootcache import RootCache, UnpackedPackage
 from services.analyzer.unpack import PayloadError
 from services.common.store import Nevra, Package
 from tests.fixtures.build import Fixtures, RpmPackage
@@ -60,7 +60,7 @@ def test_two_tasks_needing_one_rpm_at_once_unpack_it_once(
 UNPACK_IN_ANOTHER_PROCESS = """
 import json, sys
 from pathlib import Path
-from services.analyzer.rootcache import RootCache
+from services.analyzer.rootcache import RootCache, UnpackedPackage
 from services.common.store import Nevra, Package
 cache_dir, repo, fields = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 fields["nevra"] = Nevra(**fields["nevra"])
@@ -192,3 +192,96 @@ def test_what_a_killed_analyzer_left_is_swept_when_the_next_one_starts(tmp_path:
     RootCache(tmp_path / "cache", repo)
     assert [f for f in left if f.exists()] == []
     assert all(f.exists() for f in young)  # perhaps another analyzer's work in progress
+
+
+ODD_DEBUG = "/usr/lib/debug/usr/bin/odd-{}-1.0-1.fc40.x86_64.debug"
+
+
+def data(files: UnpackedPackage, path: str) -> bytes:
+    found = files.find(path)
+    assert found is not None, path
+    return found.read_bytes()
+
+
+def test_a_root_takes_only_the_debug_files_it_names_and_a_later_one_gets_others(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    debuginfo = packages["oddities-debuginfo"]
+    abort, thread = ODD_DEBUG.format("abort"), ODD_DEBUG.format("thread")
+    whole = RootCache(tmp_path / "whole", crash_fixtures.rpms_dir).unpacked(debuginfo)[0]
+
+    first = tmp_path / "first"
+    cache.assemble([debuginfo], first, {debuginfo.sha256: frozenset({abort})})
+    assert (first / abort.lstrip("/")).read_bytes() == data(whole, abort)
+    assert not (first / thread.lstrip("/")).exists()
+    assert (first / "usr/lib/debug/usr/bin").is_dir()  # every folder is made
+    entry = cache.unpacked(debuginfo, frozenset({abort}))
+    assert entry[1] is False  # nothing more to write
+    assert entry[0].find(thread) is None
+    assert cache.size() < whole.size
+
+    # A later crash needs another file of the package: it is written into the same
+    # entry, and the first root, kept, is not served to it.
+    second = tmp_path / "second"
+    cache.assemble([debuginfo], second, {debuginfo.sha256: frozenset({thread})})
+    assert second.resolve() != first.resolve()
+    assert (second / thread.lstrip("/")).read_bytes() == data(whole, thread)
+    assert not (second / abort.lstrip("/")).exists()
+    assert (first / abort.lstrip("/")).is_file()
+    # Another process (a new cache object) sees both, and a root asked for again is
+    # the one kept.
+    again = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    assert again.unpacked(debuginfo, frozenset({abort, thread}))[1] is False
+    third = tmp_path / "third"
+    again.assemble([debuginfo], third, {debuginfo.sha256: frozenset({abort})})
+    assert third.resolve() == first.resolve()
+    # Asked whole, the rest is written: the entry then equals a whole unpacking.
+    complete, fresh = again.unpacked(debuginfo)
+    assert fresh
+    assert not complete.absent
+    assert complete.size == whole.size == again.size()
+    assert complete.entries == whole.entries
+
+
+def test_paths_asked_for_through_build_id_links_are_followed(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    debuginfo = packages["crasher-debuginfo"]
+    links = [
+        e.path
+        for e in cache.unpacked(debuginfo, frozenset())[0].entries
+        if e.path.endswith(".debug") and "/.build-id/" in e.path
+    ]
+    assert len(links) == 2
+    root = tmp_path / "root"
+    cache.assemble([debuginfo], root, {debuginfo.sha256: frozenset({f"/{links[0]}"})})
+    taken = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(taken) == 1
+    assert (root / links[0]).resolve() == taken[0].resolve()  # the link leads to it
+
+
+def test_two_threads_asking_for_different_files_of_one_entry_get_both(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    debuginfo = packages["oddities-debuginfo"]
+    names = ["abort", "thread", "throw", "recurse"]
+    RootCache(tmp_path / "cache", crash_fixtures.rpms_dir).unpacked(debuginfo, frozenset())
+    found: dict[str, bool] = {}
+
+    def fill(name: str) -> None:
+        cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+        files = cache.unpacked(debuginfo, frozenset({ODD_DEBUG.format(name)}))[0]
+        found[name] = files.find(ODD_DEBUG.format(name)) is not None
+
+    threads = [threading.Thread(target=fill, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == dict.fromkeys(names, True)
+    last = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir).unpacked(
+        debuginfo, frozenset(ODD_DEBUG.format(n) for n in names)
+    )
+    assert last[1] is False

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.analyzer.unpack import DIR, FILE, LINK, Entry, PayloadError, unpack_rpm
+from services.analyzer.unpack import DIR, FILE, LINK, Entry, PayloadError, fill_rpm, unpack_rpm
 
 REG, DIRECTORY, SYMLINK, CHARDEV = 0o100644, 0o040755, 0o120777, 0o020644
 
@@ -83,6 +83,73 @@ def test_hard_links_share_data_whether_it_comes_first_or_last(tmp_path: Path, de
     assert (dest / by_path["a/first"].value).read_bytes() == b"data of 7"
     assert (dest / by_path["b/second"].value).read_bytes() == b"data of 9"
     assert unpacked.files == 2
+
+
+def test_only_the_files_asked_for_are_written_and_the_rest_can_be_filled_later(
+    tmp_path: Path, dest: Path
+) -> None:
+    package = rpm(
+        tmp_path / "debuginfo.rpm",
+        [
+            newc("./usr/lib/debug", DIRECTORY),
+            newc("./usr/lib/debug/.build-id/ab/cd.debug", SYMLINK, b"../../one.debug"),
+            newc("./usr/lib/debug/one.debug", REG, b"debug data of one"),
+            newc("./usr/lib/debug/two.debug", REG, b"debug data of two, longer"),
+            # A hard-linked pair whose data comes with the last name, as rpm writes it.
+            newc("./usr/lib/debug/three.debug", REG, b"", inode=5, links=2),
+            newc("./usr/lib/debug/three-again.debug", REG, b"data of three", inode=5, links=2),
+        ],
+    )
+    only = frozenset({"usr/lib/debug/one.debug", "usr/lib/debug/three.debug"})
+    partial = unpack_rpm(package, dest, only=only)
+    by_path = {e.path: e for e in partial.entries}
+    # Every path is listed, links and folders too, whatever was written.
+    assert set(by_path) == {
+        "usr/lib/debug",
+        "usr/lib/debug/.build-id/ab/cd.debug",
+        "usr/lib/debug/one.debug",
+        "usr/lib/debug/two.debug",
+        "usr/lib/debug/three.debug",
+        "usr/lib/debug/three-again.debug",
+    }
+    one, two = by_path["usr/lib/debug/one.debug"], by_path["usr/lib/debug/two.debug"]
+    three = by_path["usr/lib/debug/three.debug"]
+    assert (dest / one.value).read_bytes() == b"debug data of one"
+    assert (dest / three.value).read_bytes() == b"data of three"  # by its other name
+    assert not (dest / two.value).exists()
+    assert partial.absent == {two.value}
+    assert partial.size == len(b"debug data of one") + len(b"data of three") + len(
+        b"../../one.debug"
+    )
+
+    written = fill_rpm(package, dest, None, frozenset({two.value}))
+    assert written == len(b"debug data of two, longer")
+    assert (dest / two.value).read_bytes() == b"debug data of two, longer"
+    assert (dest / one.value).read_bytes() == b"debug data of one"  # left as it was
+    assert not list(dest.glob(".fill-*"))
+
+    # The names of the data are the same on every reading, whatever is kept.
+    again = tmp_path / "again"
+    again.mkdir()
+    assert unpack_rpm(package, again).entries == partial.entries
+
+
+def test_a_wanted_name_whose_data_came_earlier_is_listed_as_absent(
+    tmp_path: Path, dest: Path
+) -> None:
+    package = rpm(
+        tmp_path / "first.rpm",
+        [
+            newc("./b/first", REG, b"data of 9", inode=9, links=2),
+            newc("./b/second", REG, b"", inode=9, links=2),
+        ],
+    )
+    unpacked = unpack_rpm(package, dest, only=frozenset({"b/second"}))
+    data = {e.path: e.value for e in unpacked.entries}["b/second"]
+    # Not silently lost: the caller sees it absent and fills it.
+    assert unpacked.absent == {data}
+    fill_rpm(package, dest, None, frozenset(unpacked.absent))
+    assert (dest / data).read_bytes() == b"data of 9"
 
 
 def test_names_are_made_relative_and_never_climb_out(tmp_path: Path, dest: Path) -> None:
