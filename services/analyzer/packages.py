@@ -29,13 +29,12 @@ import posixpath
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from schemas.nvr import ARCHES, Nvr, parse_nvr
 from services.analyzer.coredump import Module
-from services.analyzer.rootcache import UNPACK_WORKERS, Only, RootCache, UnpackedPackage
+from services.analyzer.rootcache import Only, RootCache
 from services.common.elf import NotElf, build_id_of, open_elf
 from services.common.rpm import os_release_of
 from services.common.rpmfile import PayloadError
@@ -397,15 +396,12 @@ class Finder:
         path, or by the build its name spells.
         """
         self.narrow(result)
+        # Every package of the root starts unpacking now, the debuginfo first: the root
+        # is laid out from them next, and only the debug files are needed here.
         debug = {s.debug.id: s.debug for s in result.served if s.debug and s.debug_path}
-        with ThreadPoolExecutor(max_workers=UNPACK_WORKERS) as pool:
-            unpacked = dict(
-                zip(
-                    debug,
-                    pool.map(lambda p: self._unpacked(p, result), debug.values()),
-                    strict=True,
-                )
-            )
+        rest = [p for p in result.packages if p.id not in debug]
+        pending = self._cache.prefetch([*debug.values(), *rest], result.only_by_digest())
+        unpacked = {i: pending[p.sha256].result()[0] for i, p in debug.items()}
         report: list[tuple[str, Package | None, str]] = []
         have = {p.id for p in result.packages}
         seen: set[str] = set()
@@ -464,9 +460,6 @@ class Finder:
             result.only[package_id] = frozenset(
                 paths | {f for f in files if f.startswith((*scripts, DWZ_DIR))}
             )
-
-    def _unpacked(self, package: Package, result: Resolution) -> UnpackedPackage:
-        return self._cache.unpacked(package, result.only.get(package.id))[0]
 
     def _dwz_package(
         self, build_id: str, path: str, os_release: str | None

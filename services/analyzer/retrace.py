@@ -252,6 +252,10 @@ def find_shared_dwarf(job: Job, finder: Finder, resolution: Resolution) -> list[
     return [p for p in resolution.extra if p.id not in before]
 
 
+MAX_PATHS_SHOWN = 4
+"""Of the files a root takes from a package, how many its log line names."""
+
+
 def prepare_root(job: Job, resolution: Resolution, root: Path) -> None:
     """Step 3: the root, assembled from the unpacked-package cache."""
     with job.log.step("Preparing the root"):
@@ -263,9 +267,13 @@ def prepare_root(job: Job, resolution: Resolution, root: Path) -> None:
             raise RetraceFailure(f"A package could not be unpacked: {exc}.") from exc
         for package in packages:
             job.log.add(f"  {package.nevra} ({package.os_release})")
-            only = resolution.only.get(package.id)
-            if only is not None:
-                job.log.add(f"    of which only {', '.join(sorted(only))}")
+            only = sorted(resolution.only.get(package.id, ()))
+            if only:
+                shown = ", ".join(only[:MAX_PATHS_SHOWN])
+                more = len(only) - MAX_PATHS_SHOWN
+                job.log.add(
+                    f"    of which only {shown}" + (f" and {more} more" if more > 0 else "")
+                )
 
 
 def sandbox_for(settings: AnalyzerSettings) -> Sandbox:

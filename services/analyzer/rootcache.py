@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -108,7 +108,7 @@ class UnpackedPackage:
     def _by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self.entries}
 
-    def _file(self, path: str) -> Entry | None:
+    def file_at(self, path: str) -> Entry | None:
         """The file entry installed at ``path``, following this package's own links."""
         by_path = self._by_path
         real = real_path(
@@ -120,14 +120,14 @@ class UnpackedPackage:
     def find(self, path: str) -> Path | None:
         """The data of the file installed at ``path``, following this package's own links;
         None if there is no such file or its data was not written."""
-        entry = self._file(path)
+        entry = self.file_at(path)
         if entry is None or entry.value in self.absent:
             return None
         return self.folder / entry.value
 
     def data_of(self, paths: Iterable[str]) -> frozenset[str]:
         """The names of the data of the files installed at ``paths``."""
-        return frozenset(e.value for path in paths if (e := self._file(path)) is not None)
+        return frozenset(e.value for path in paths if (e := self.file_at(path)) is not None)
 
     def lacking(self, paths: Iterable[str] | None) -> frozenset[str]:
         """The data not written yet of the files at ``paths`` (of every file with None)."""
@@ -259,6 +259,8 @@ class RootCache:
         self._packages.mkdir(parents=True, exist_ok=True)
         self._roots.mkdir(parents=True, exist_ok=True)
         self._locks = _Locks(cache_dir / ".locks")
+        self._background = ThreadPoolExecutor(UNPACK_WORKERS, thread_name_prefix="unpack")
+        self._grown = False  # data was written since the last eviction
         for old in FIRST_LAYOUT:
             if (cache_dir / old).exists():
                 log.warning("%s is left from an older cache layout; it can be removed", old)
@@ -352,11 +354,14 @@ class RootCache:
         with self._locks.held([f"unpack {package.sha256}"]):
             cached = self._load(final)
             if cached is None:
-                return self._unpack(package, final, only), True
-            lacking = cached.lacking(only)
-            if not lacking:
-                return cached, False
-            return self._fill(package, cached, lacking), True
+                result = self._unpack(package, final, only)
+            else:
+                lacking = cached.lacking(only)
+                if not lacking:
+                    return cached, False
+                result = self._fill(package, cached, lacking)
+        self._grown = True
+        return result, True
 
     def _unpack(
         self, package: Package, final: Path, only: frozenset[str] | None
@@ -405,6 +410,20 @@ class RootCache:
         }
         real = (real_path(path, links.get) for path in paths)
         return frozenset(path for path in real if path is not None)
+
+    def prefetch(
+        self, packages: list[Package], only: Only
+    ) -> dict[str, Future[tuple[UnpackedPackage, bool]]]:
+        """Start unpacking ``packages`` (of those in ``only``, the files named there) in
+        background threads, side by side; return each one's future by its sha256.
+
+        A later :meth:`unpacked` or :meth:`assemble` finds what is done and waits for
+        what is under way.  Hold a :meth:`lease` on ``packages`` meanwhile.
+        """
+        return {
+            p.sha256: self._background.submit(self.unpacked, p, only.get(p.sha256))
+            for p in packages
+        }
 
     @staticmethod
     def _load(entry: Path) -> UnpackedPackage | None:
@@ -470,7 +489,8 @@ class RootCache:
                 layout.place(files, str(package.nevra), data)
             info = {"packages": [p.sha256 for p in packages], "warnings": layout.warnings}
             (staging / ROOT_INFO).write_text(json.dumps(info))
-            if any(fresh for _, fresh in unpacked):
+            if self._grown:  # here or in a prefetch
+                self._grown = False
                 self.evict()  # the new root's hard links keep its files, whatever goes
             if kept.exists():  # left by an interrupted build
                 shutil.rmtree(kept)
@@ -483,6 +503,16 @@ class RootCache:
 ENTRY_ERRORS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EINVAL})
 """What makes one path of a package impossible to place (it is skipped with a warning);
 any other error is the disk's, and the root is not built."""
+
+
+def _taken(package: UnpackedPackage, entry: Entry, only: frozenset[str]) -> bool:
+    """Whether a root that takes the data ``only`` of ``package`` takes ``entry``."""
+    if entry.kind == FILE:
+        return entry.value in only
+    if entry.kind == LINK:
+        file = package.file_at(entry.path)
+        return file is not None and file.value in only
+    return False  # a folder: made when something inside it is
 
 
 def _link_or_copy(data: str, path: str) -> None:
@@ -538,14 +568,15 @@ class _Layout:
     def place(
         self, package: UnpackedPackage, origin: str, only: frozenset[str] | None = None
     ) -> None:
-        """Lay out ``package``'s paths; of its files, only those whose data ``only``
-        names, if given."""
+        """Lay out ``package``'s paths; with ``only`` (names of data), only the files of
+        that data, the links that lead to them, and the folders above those: the rest
+        of a debuginfo package's hundreds of paths would only cost making them."""
         data = str(package.folder)
         for entry in package.entries:
+            if only is not None and not _taken(package, entry, only):
+                continue
             if entry.kind == DIR:
                 self._folder(entry.path, origin)
-                continue
-            if only is not None and entry.kind == FILE and entry.value not in only:
                 continue
             parent, _, _ = entry.path.rpartition("/")
             real_parent = self._folder(parent, origin)

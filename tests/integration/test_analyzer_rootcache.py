@@ -215,7 +215,15 @@ def test_a_root_takes_only_the_debug_files_it_names_and_a_later_one_gets_others(
     cache.assemble([debuginfo], first, {debuginfo.sha256: frozenset({abort})})
     assert (first / abort.lstrip("/")).read_bytes() == data(whole, abort)
     assert not (first / thread.lstrip("/")).exists()
-    assert (first / "usr/lib/debug/usr/bin").is_dir()  # every folder is made
+    # Of the package's paths, the root has that file and the folders above it alone.
+    assert sorted(str(p.relative_to(first)) for p in first.rglob("*")) == [
+        "usr",
+        "usr/lib",
+        "usr/lib/debug",
+        "usr/lib/debug/usr",
+        "usr/lib/debug/usr/bin",
+        abort.lstrip("/"),
+    ]
     entry = cache.unpacked(debuginfo, frozenset({abort}))
     assert entry[1] is False  # nothing more to write
     assert entry[0].find(thread) is None
@@ -260,6 +268,8 @@ def test_paths_asked_for_through_build_id_links_are_followed(
     taken = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
     assert len(taken) == 1
     assert (root / links[0]).resolve() == taken[0].resolve()  # the link leads to it
+    # The other file's link is not made: it would lead nowhere.
+    assert not (root / links[1]).is_symlink()
 
 
 def test_two_threads_asking_for_different_files_of_one_entry_get_both(
