@@ -60,7 +60,7 @@ def test_two_tasks_needing_one_rpm_at_once_unpack_it_once(
 UNPACK_IN_ANOTHER_PROCESS = """
 import json, sys
 from pathlib import Path
-from services.analyzer.rootcache import RootCache, UnpackedPackage
+from services.analyzer.rootcache import RootCache
 from services.common.store import Nevra, Package
 cache_dir, repo, fields = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 fields["nevra"] = Nevra(**fields["nevra"])
