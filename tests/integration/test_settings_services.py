@@ -23,7 +23,7 @@ NEWER_MIRROR = "[mirror]\nkey_of_a_newer_mirror = 1\n[a_newer_service]\nport = 8
 
 
 def wait_serving(stack: Stack, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while True:
         try:
             urllib.request.urlopen(f"{stack.base}/settings", timeout=2).close()
@@ -33,6 +33,15 @@ def wait_serving(stack: Stack, proc: subprocess.Popen[bytes]) -> None:
             time.sleep(0.2)
         else:
             return
+
+
+def wait_consuming(stack: Stack, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until the analyzer consumes its queue (a loaded broker may take a while)."""
+    deadline = time.monotonic() + 180
+    while "consuming retrace.analyze.x86_64" not in stack.logs():
+        assert proc.poll() is None, stack.logs()
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.2)
 
 
 def test_services_start_beside_other_services_new_keys_and_refuse_their_own(
@@ -58,8 +67,7 @@ def test_services_start_beside_other_services_new_keys_and_refuse_their_own(
             "retrace-intake", "serve", "--bind", f"127.0.0.1:{stack.port}", "--workers", "1"
         )
         wait_serving(stack, intake)
-        stack.start("retrace-analyzer", "run")
-        stack.wait_log("consuming retrace.analyze.x86_64")
+        wait_consuming(stack, stack.start("retrace-analyzer", "run"))
     finally:
         stack.down()
     # The mirror is the one it stops, and says why.
