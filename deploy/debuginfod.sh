@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 PORT=${1:-8002}
 PYTHON=${PYTHON:-.venv/bin/python}
-REPO=${RETRACE_REPO:-$("$PYTHON" -c 'from services.common.settings import load_settings; print(load_settings().repo)')}
+REPO=${RETRACE_REPO:-$("$PYTHON" -c 'from services.common.settings import MirrorConfig, load_settings; print(load_settings(MirrorConfig).repo)')}
 # debuginfod's index of the RPMs' contents lives beside the repository, not in it.
 DB=${DEBUGINFOD_DB:-$REPO/../debuginfod.sqlite}
 # Seconds between rescans: new builds are found without a restart.

@@ -22,7 +22,7 @@ from services.analyzer.worker import AnalyzeHandler
 from services.common.bus import Consumer, Publisher, policy_problem
 from services.common.logs import setup_logging
 from services.common.runner import CommandError
-from services.common.settings import ConfigError, load_settings, log_settings
+from services.common.settings import AnalyzerConfig, ConfigError, load_settings, log_settings
 from services.common.spool import Spool
 from services.common.store import SchemaMismatch, Store
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "shell":
         return _shell(args.task)
     try:
-        settings = load_settings()
+        settings = load_settings(AnalyzerConfig)
         log_settings(settings, "retrace-analyzer")
         store = Store.from_url(settings.store_url)
         store.check_revision()
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _shell(task_id: str) -> int:
     try:
-        settings = load_settings()
+        settings = load_settings(AnalyzerConfig)
         if not _TASK_ID.match(task_id):
             raise ShellError(f"{task_id!r} is not a task id")
         cache_dir = settings.resolve(settings.analyzer.cache)

@@ -621,8 +621,14 @@ class Consumer:
 
     def subscribe(self, route: Route, handler: Handler) -> None:
         """Consume ``route``'s queues (one per configured arch), parsed into a :class:`Delivery`."""
-        # A queue without {arch} is one queue, however many arches are configured.
-        names = list(dict.fromkeys(route.queue_for(arch) for arch in self._arches))
+        # A queue without {arch} is one queue, however many arches are configured; a
+        # consumer of such queues alone (the mirror's worker) is given no arch at all.
+        per_arch = route.queue is not None and "{arch}" in route.queue
+        if per_arch and not self._arches:
+            raise ValueError(f"{route.topic} has a queue per arch, and this consumer has none")
+        names = (
+            [route.queue_for(arch) for arch in self._arches] if per_arch else [route.queue_for()]
+        )
 
         def work(props: BasicProperties, method: Basic.Deliver, body: bytes) -> None:
             try:

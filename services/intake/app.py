@@ -12,7 +12,7 @@ import falcon
 from schemas.messages import Message
 from schemas.topology import Route
 from services.common.bus import Publish
-from services.common.settings import Settings
+from services.common.settings import IntakeConfig
 from services.common.spool import Spool
 from services.common.store import Store
 from services.intake import passwords
@@ -66,7 +66,7 @@ class _Unprobed:
 
 
 def create_app(
-    settings: Settings,
+    settings: IntakeConfig,
     store: Store,
     spool: Spool,
     publish: Publish,

@@ -9,7 +9,7 @@ import sys
 
 from services.common.bus import Publisher, policy_problem
 from services.common.logs import setup_logging
-from services.common.settings import ConfigError, load_settings
+from services.common.settings import ConfigError, IntakeConfig, load_settings
 from services.common.spool import Spool
 from services.common.store import SchemaMismatch, Store
 from services.intake.cleanup import Cleanup
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         # Fail here, with a clear message, rather than in every gunicorn worker.
-        settings = load_settings()
+        settings = load_settings(IntakeConfig)
         store = Store.from_url(settings.store_url)
         store.check_revision()
     except (ConfigError, SchemaMismatch) as exc:

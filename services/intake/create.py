@@ -23,7 +23,7 @@ from schemas.messages import AnalyzeTaskV1, TaskType
 from schemas.topology import ANALYZE
 from services.common import progress
 from services.common.bus import Publish, PublishError
-from services.common.settings import Settings
+from services.common.settings import IntakeConfig
 from services.common.spool import Spool
 from services.common.store import Store, TaskStatus
 from services.intake import passwords
@@ -87,7 +87,7 @@ class CreateResource:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: IntakeConfig,
         store: Store,
         spool: Spool,
         publish: Publish,

@@ -125,9 +125,9 @@ def release_dead_worker(pid: int) -> list[str]:
     Never raises: a master must outlive any trouble here (the lease sweep of the
     other workers is the second line)."""
     try:
-        from services.common.settings import load_settings  # noqa: PLC0415 -- master only
+        from services.common.settings import IntakeConfig, load_settings  # noqa: PLC0415 -- master only
 
-        settings = load_settings()
+        settings = load_settings(IntakeConfig)
         store = Store.from_url(settings.store_url)
         try:
             spool = Spool(settings.spool)

@@ -9,7 +9,7 @@ import falcon
 
 from services.common.bus import Publisher
 from services.common.logs import setup_logging
-from services.common.settings import load_settings, log_settings
+from services.common.settings import IntakeConfig, load_settings, log_settings
 from services.common.spool import Spool
 from services.common.store import Store
 from services.intake.app import create_app
@@ -21,7 +21,7 @@ from services.intake.worker import UPLOAD_SLOTS
 def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     """Read and check the settings, check the schema, and build the application."""
     setup_logging()
-    settings = load_settings()
+    settings = load_settings(IntakeConfig)
     log_settings(settings, "retrace-intake")
     store = Store.from_url(settings.store_url)
     store.check_revision()

@@ -14,7 +14,7 @@ from services.common.bus import Publisher, PublishError, policy_problem
 from services.common.logs import setup_logging
 from services.common.rpm import RpmError
 from services.common.runner import CommandError
-from services.common.settings import ConfigError, Settings, load_settings, log_settings
+from services.common.settings import ConfigError, MirrorConfig, load_settings, log_settings
 from services.common.store import Package, SchemaMismatch, Store
 from services.mirror.deadletters import MirrorDeadLetters
 from services.mirror.fetcher import Fetcher
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def koji_for(settings: Settings) -> KojiHub:
+def koji_for(settings: MirrorConfig) -> KojiHub:
     """The Koji hub our settings name."""
     mirror = settings.mirror
     return KojiHub(mirror.koji_hub, mirror.koji_topurl, mirror.koji_timeout)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
     args = _parser().parse_args(argv)
     setup_logging()
     try:
-        settings = load_settings()
+        settings = load_settings(MirrorConfig)
         log_settings(settings, "retrace-mirror")
         store = Store.from_url(settings.store_url)
         store.check_revision()
@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
     return serve(settings, store, args.bind, args.workers)
 
 
-def warn_policy(settings: Settings) -> None:
+def warn_policy(settings: MirrorConfig) -> None:
     """Log a warning when the broker lacks our command queues' dead-lettering policy."""
     problem = policy_problem(settings.broker.management_url, settings.broker.url)
     if problem:
         log.warning("%s", problem)
 
 
-def _import(store: Store, settings: Settings, files: list[Path], release: str | None) -> int:
+def _import(store: Store, settings: MirrorConfig, files: list[Path], release: str | None) -> int:
     failed = 0
     touched: set[Path] = set()
     for path in files:
@@ -127,7 +127,7 @@ def _import(store: Store, settings: Settings, files: list[Path], release: str | 
     return 1 if failed else 0
 
 
-def _reindex(store: Store, settings: Settings) -> int:
+def _reindex(store: Store, settings: MirrorConfig) -> int:
     def report(number: int, total: int, package: Package) -> None:
         print(f"[{number}/{total}] {package.nevra} ({package.os_release})", flush=True)
 
@@ -137,7 +137,7 @@ def _reindex(store: Store, settings: Settings) -> int:
     return 1 if left else 0
 
 
-def _worker(store: Store, settings: Settings) -> int:
+def _worker(store: Store, settings: MirrorConfig) -> int:
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     clean_incoming(settings.repo)
     fetcher = Fetcher(
@@ -153,7 +153,6 @@ def _worker(store: Store, settings: Settings) -> int:
         run_worker(
             settings.broker.url,
             settings.broker.heartbeat,
-            settings.analyzer.arches[:1],
             settings.mirror.retry_delays,
             MirrorHandler(
                 fetcher,
@@ -169,13 +168,13 @@ def _worker(store: Store, settings: Settings) -> int:
     return 0
 
 
-def _prune(store: Store, settings: Settings) -> int:
+def _prune(store: Store, settings: MirrorConfig) -> int:
     done = prune(store, settings.repo, settings.mirror)
     print(f"pruned {done.packages} packages ({done.bytes} bytes)")
     return 0
 
 
-def _sync(settings: Settings, args: argparse.Namespace) -> int:
+def _sync(settings: MirrorConfig, args: argparse.Namespace) -> int:
     commands: list[MirrorBuildV1] = []
     action = MirrorAction.REMOVE if args.remove else MirrorAction.MIRROR
     try:

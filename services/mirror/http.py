@@ -29,7 +29,7 @@ from prometheus_client.core import Metric as Metric_
 from prometheus_client.registry import Collector
 
 from services.common.logs import setup_logging
-from services.common.settings import MirrorSettings, Settings, load_settings, log_settings
+from services.common.settings import MirrorConfig, MirrorSettings, load_settings, log_settings
 from services.common.store import Store, koji_builds, packages
 from services.mirror.fetcher import Fetcher
 from services.mirror.koji import BuildState, KojiError, KojiHub, KojiUnavailable
@@ -285,7 +285,7 @@ def create_app(
 def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     """Read and check the settings and build the application (gunicorn's entry point)."""
     setup_logging()
-    settings = load_settings()
+    settings = load_settings(MirrorConfig)
     log_settings(settings, "retrace-mirror serve")
     store = Store.from_url(settings.store_url)
     store.check_revision()
@@ -296,7 +296,7 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     return create_app(store, settings.repo, KojiLookup(store, settings.repo, mirror, hub))
 
 
-def serve(settings: Settings, store: Store, bind: str, workers: int) -> int:
+def serve(settings: MirrorConfig, store: Store, bind: str, workers: int) -> int:
     """Run the HTTP face under gunicorn (replaces this process)."""
     del settings, store  # checked by the caller; each gunicorn worker builds its own
     argv = [

@@ -28,7 +28,7 @@ from schemas.messages import MirrorAction, MirrorBuildV1
 from schemas.topology import MIRROR_BUILD
 from services.common.bus import Publisher, PublishError
 from services.common.rpm import os_release_of
-from services.common.settings import Settings
+from services.common.settings import MirrorConfig
 from services.common.store import Store
 from services.mirror.koji import BuildState, KojiError, KojiHub, KojiUnavailable
 
@@ -41,7 +41,7 @@ CURSOR = "koji-completed"
 Send = Callable[[MirrorBuildV1], None]
 
 
-def fedora_messaging_settings(settings: Settings) -> dict[str, Any]:
+def fedora_messaging_settings(settings: MirrorConfig) -> dict[str, Any]:
     """fedora-messaging's configuration, built from ours (there is no second file)."""
     mirror = settings.mirror
 
@@ -81,7 +81,7 @@ def topic_for(prefix: str) -> str:
     return f"{prefix}.{BUILD_TOPIC}" if prefix else BUILD_TOPIC
 
 
-def configure_fedora_messaging(settings: Settings) -> dict[str, Any]:
+def configure_fedora_messaging(settings: MirrorConfig) -> dict[str, Any]:
     """Load ``fedora_messaging.config.conf`` from our settings; return what was set."""
     ours = fedora_messaging_settings(settings)
     # An empty file: FEDORA_MESSAGING_CONF and /etc/fedora-messaging are not consulted.
@@ -94,7 +94,7 @@ def configure_fedora_messaging(settings: Settings) -> dict[str, Any]:
 class BuildListener:
     """The fedora-messaging callback: act on a completed (or deleted) build, ignore the rest."""
 
-    def __init__(self, settings: Settings, send: Send, retry_pause: float = 5.0) -> None:
+    def __init__(self, settings: MirrorConfig, send: Send, retry_pause: float = 5.0) -> None:
         self._mirror = settings.mirror
         self._send = send
         self._retry_pause = retry_pause
@@ -159,7 +159,7 @@ class BuildListener:
 class CatchUp:
     """Asks Koji for builds completed since the newest one seen, and sends them."""
 
-    def __init__(self, koji: KojiHub, store: Store, settings: Settings, send: Send) -> None:
+    def __init__(self, koji: KojiHub, store: Store, settings: MirrorConfig, send: Send) -> None:
         self._koji = koji
         self._store = store
         self._mirror = settings.mirror
@@ -198,7 +198,7 @@ class CatchUp:
             stop.wait(interval)
 
 
-def listen(settings: Settings, store: Store, koji: KojiHub) -> None:
+def listen(settings: MirrorConfig, store: Store, koji: KojiHub) -> None:
     """Run the listener and its catch-up until the process is stopped."""
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     lock = threading.Lock()

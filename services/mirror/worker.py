@@ -220,7 +220,6 @@ def clean_incoming(repo: Path) -> None:
 def run_worker(
     url: str,
     heartbeat: int,
-    arches: tuple[str, ...],
     delays: tuple[int, ...],
     handler: MirrorHandler,
     dead_letters: DeadLetterHandler,
@@ -231,7 +230,8 @@ def run_worker(
         declare_wait_queues(connection.channel(), delays)
     finally:
         connection.close()
-    consumer = Consumer(url, heartbeat, arches)
+    # Mirror commands have one queue for every arch: the worker needs no arch of its own.
+    consumer = Consumer(url, heartbeat, arches=())
     consumer.subscribe(MIRROR_BUILD, handler)
     consumer.subscribe_dead_letters([MIRROR_BUILD.dead_letter_queue_for()], dead_letters)
 

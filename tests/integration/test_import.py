@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.settings import load_settings
+from services.common.settings import MirrorConfig, load_settings
 from services.common.store import BuildIdKind, Store
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack
@@ -27,7 +27,7 @@ def home(tmp_path: Path) -> Stack:
 
 
 def store_of(stack: Stack) -> Store:
-    return Store.from_url(load_settings(stack.env).store_url)
+    return Store.from_url(load_settings(MirrorConfig, stack.env).store_url)
 
 
 def test_import_places_packages_by_release_and_arch_and_indexes_build_ids(

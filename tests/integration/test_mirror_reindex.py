@@ -10,7 +10,7 @@ from alembic import command
 
 from services.common.rpm import header_entries, os_release_of
 from services.common.rpmfile import read_header
-from services.common.settings import load_settings
+from services.common.settings import MirrorConfig, load_settings
 from services.common.store import BuildIdKind, Store, _alembic_config
 from services.mirror.repo import place, relative_path, sha256_of
 from tests.fixtures.build import Fixtures
@@ -67,7 +67,7 @@ def test_reindex_reads_the_elf_files_of_an_old_index_resumably_and_idempotently(
 ) -> None:
     home = Stack(tmp_path / "home", "amqp://guest:guest@127.0.0.1:5672/")
     home.write_settings()
-    settings = load_settings(home.env)
+    settings = load_settings(MirrorConfig, home.env)
     store = Store.from_url(settings.store_url)
     rpms = [crash_fixtures.rpm(name).path for name in PACKAGES]
     index_the_old_way(store, settings.repo, rpms)

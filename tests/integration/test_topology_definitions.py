@@ -31,7 +31,7 @@ from schemas.topology import (
     SUBSCRIPTION_POLICY,
 )
 from services.common.bus import Publisher, connect, declare_topology, policy_problem
-from services.common.settings import load_settings
+from services.common.settings import AdminConfig, load_settings
 from services.mirror.worker import declare_wait_queues, wait_queue
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ def test_the_export_follows_the_configured_arches(tmp_path: Path) -> None:
 
 
 def _management(url: str, method: str = "GET", body: bytes | None = None) -> Any:
-    management = load_settings({}).broker.management_url
+    management = load_settings(AdminConfig, {}).broker.management_url
     token = base64.b64encode(b"guest:guest").decode()
     request = urllib.request.Request(
         f"{management}{url}",
@@ -114,7 +114,7 @@ def test_rabbitmq_imports_the_committed_file_into_a_fresh_vhost(
         assert queues[name] == {"type": "quorum", "policy": COMMAND_POLICY}
     for name in (ANALYZE.dead_letter_queue_for("x86_64"), MIRROR_BUILD.dead_letter_queue_for()):
         assert queues[name] == {"type": "quorum", "policy": ""}
-    for seconds in load_settings({}).mirror.retry_delays:
+    for seconds in load_settings(AdminConfig, {}).mirror.retry_delays:
         assert queues[wait_queue(seconds)] == {"type": "classic", "policy": ""}
     assert queues[ANALYZER_BUILD_SYNCED.queue_for()] == {
         "type": "quorum",
@@ -134,7 +134,7 @@ def test_rabbitmq_imports_the_committed_file_into_a_fresh_vhost(
     try:
         channel = connection.channel()
         declare_topology(channel, ("x86_64",))
-        declare_wait_queues(channel, load_settings({}).mirror.retry_delays)
+        declare_wait_queues(channel, load_settings(AdminConfig, {}).mirror.retry_delays)
     finally:
         connection.close()
 
@@ -143,7 +143,7 @@ def test_an_unread_subscription_keeps_only_its_newest_events(
     tmp_path: Path, make_broker_url: Callable[[], str]
 ) -> None:
     broker_url = make_broker_url()
-    settings = load_settings({})
+    settings = load_settings(AdminConfig, {})
     config = f'[broker]\nurl = "{broker_url}"\nsubscription_max_length = 3\n'
     _admin(tmp_path, config, "topology")
     done = _admin(tmp_path, config, "policies")

@@ -20,7 +20,7 @@ import pytest
 from schemas.messages import AnalyzeTaskV1, Message
 from schemas.topology import ANALYZE, Route
 from services.common.bus import PublishError
-from services.common.settings import Settings, load_settings
+from services.common.settings import IntakeConfig, load_settings
 from services.common.spool import Spool
 from services.common.store import Store, TaskStatus, tasks
 from services.intake.app import create_app, new_task_id
@@ -83,7 +83,7 @@ class Intake:
     store: Store
     spool: Spool
     publisher: RecordingPublisher
-    settings: Settings
+    settings: IntakeConfig
 
     def create(self, body: bytes, content_type: str = XZ) -> falcon.testing.Result:
         return self.client.simulate_post(
@@ -102,7 +102,7 @@ def make_intake(tmp_path: Path, store_url: str) -> Iterator[MakeIntake]:
     def make(free_space: FreeSpace = disk_free, **intake: object) -> Intake:
         env = {"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url}
         env.update({f"RETRACE_INTAKE__{k.upper()}": json.dumps(v) for k, v in intake.items()})
-        settings = load_settings(env)
+        settings = load_settings(IntakeConfig, env)
         store = Store.from_url(settings.store_url)
         store.migrate()
         stores.append(store)

@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 from typing_extensions import Buffer
 
-from services.common.settings import load_settings
+from services.common.settings import IntakeConfig, load_settings
 from services.common.spool import Spool
 from services.common.store import Store, tasks, uploads
 from services.intake.app import create_app
@@ -54,7 +54,7 @@ def build(tmp_path: Path, store_url: str) -> Iterator[Callable[..., App]]:
     def make(opener: Opener | None = None, **intake: object) -> App:
         env = {"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url}
         env.update({f"RETRACE_INTAKE__{k.upper()}": json.dumps(v) for k, v in intake.items()})
-        settings = load_settings(env)
+        settings = load_settings(IntakeConfig, env)
         store = Store.from_url(settings.store_url)
         store.migrate()
         stores.append(store)

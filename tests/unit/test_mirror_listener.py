@@ -10,7 +10,7 @@ from fedora_messaging import config as fm_config
 from koji_fedoramessaging_messages.build import BuildStateChangeV1
 
 from schemas.messages import MirrorAction, MirrorBuildV1
-from services.common.settings import Settings
+from services.common.settings import MirrorConfig
 from services.mirror.http import render_metrics
 from services.mirror.listener import BuildListener, configure_fedora_messaging
 
@@ -34,7 +34,7 @@ COMPLETED: dict[str, Any] = {
 }
 
 
-def decide(settings: Settings, **changes: Any) -> tuple[MirrorBuildV1 | None, str]:
+def decide(settings: MirrorConfig, **changes: Any) -> tuple[MirrorBuildV1 | None, str]:
     sent: list[MirrorBuildV1] = []
     listener = BuildListener(settings, sent.append)
     message = BuildStateChangeV1(
@@ -50,8 +50,8 @@ def decide(settings: Settings, **changes: Any) -> tuple[MirrorBuildV1 | None, st
     return command, why
 
 
-def settings(tmp_path: Path, **mirror: Any) -> Settings:
-    return Settings(home=tmp_path, mirror=mirror)  # type: ignore[arg-type]
+def settings(tmp_path: Path, **mirror: Any) -> MirrorConfig:
+    return MirrorConfig(home=tmp_path, mirror=mirror)  # type: ignore[arg-type]
 
 
 def test_a_completed_build_becomes_a_mirror_command(tmp_path: Path) -> None:
