@@ -145,7 +145,7 @@ def migrate(db: Database, branches: Sequence[Branch] = ORDER) -> tuple[str | Non
     done = []
     with db.engine.begin() as conn:
         carried = _carry_over(conn)
-        for branch in sorted(branches, key=ORDER.index):
+        for branch in sorted(branches, key=lambda b: list(BRANCHES).index(b.name)):
             for name in branch.requires:
                 if BRANCHES[name].current(conn) is None:
                     raise SchemaMismatch(
