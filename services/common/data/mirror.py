@@ -36,9 +36,9 @@ packages = sa.Table(
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("added_at", sa.DateTime(timezone=True), nullable=False),
-    # The build the package came from: its source RPM's NVR (migration 0400).
+    # The build the package came from: its source RPM's NVR.
     sa.Column("source_nvr", sa.Text),
-    # How its build-ids were read: see INDEX_VERSION (migration 0400).
+    # How its build-ids were read: see INDEX_VERSION.
     sa.Column("index_version", sa.Integer, nullable=False, server_default="0"),
     # How many of its header's .build-id links its ELF files contradicted.
     sa.Column("index_conflicts", sa.Integer, nullable=False, server_default="0"),
@@ -63,8 +63,7 @@ build_ids = sa.Table(
     sa.PrimaryKeyConstraint("build_id", "package_id", "path"),
 )
 
-# The mirror's own tables (migration 0100): which Koji build brought which packages,
-# and how far the catch-up with Koji has come.
+# Which Koji build brought which packages, and how far the catch-up with Koji has come.
 koji_builds = sa.Table(
     "koji_builds",
     metadata,
