@@ -44,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from readers import big_rpm
 
 from schemas.messages import MirrorBuildV1
+from services.common.data import schema
+from services.common.data.db import Database
+from services.common.data.mirror import MirrorData
 from services.common.settings import MirrorSettings
-from services.common.store import Store, build_ids, packages
 from services.mirror.fetcher import Fetcher
 from services.mirror.index import index_rpm
 from services.mirror.koji import KojiHub
@@ -78,10 +80,10 @@ def ingest(work: Path, count: int, size_kib: int) -> None:
             subprocess.run(["rpmkeys", "--checksig", str(target)], check=True, capture_output=True)
         baseline = time.perf_counter() - started
 
-        store = Store.from_url(f"sqlite:///{work}/retrace.sqlite3")
-        store.migrate()
+        db = Database.from_url(f"sqlite:///{work}/retrace.sqlite3")
+        schema.migrate(db, [schema.MIRROR])
         fetcher = Fetcher(
-            store,
+            MirrorData(db),
             work / "repo",
             MirrorSettings(),
             KojiHub(koji.hub_url, koji.top_url),
@@ -265,52 +267,46 @@ def big_repo(repo: Path) -> tuple[str, list[Path]]:
 
 
 def lookup(work: Path, rows: int, queries: int) -> None:
-    store = Store.from_url(f"sqlite:///{work}/index.sqlite3")
-    store.migrate()
+    db = Database.from_url(f"sqlite:///{work}/index.sqlite3")
+    schema.migrate(db, [schema.MIRROR])
+    index = MirrorData(db)
     rng = random.Random(5)
     per_package = 10
     now = datetime.now(UTC)
     started = time.perf_counter()
-    with store.engine.begin() as conn:
-        conn.execute(
-            packages.insert(),
-            [
-                {
-                    "name": f"pkg{i}",
-                    "epoch": 0,
-                    "version": "1.0",
-                    "release": "1.fc40",
-                    "arch": "x86_64",
-                    "os_release": "fedora-40",
-                    "path": f"fedora-40/x86_64/Packages/pkg{i}.rpm",
-                    "sha256": "0" * 64,
-                    "size": 1,
-                    "added_at": now,
-                }
-                for i in range(rows // per_package)
-            ],
-        )
-        ids = [f"{rng.getrandbits(160):040x}" for _ in range(rows)]
-        batch = 50_000
-        for start in range(0, rows, batch):
-            conn.execute(
-                build_ids.insert(),
-                [
-                    {
-                        "build_id": ids[i],
-                        "package_id": i // per_package + 1,
-                        "kind": "binary",
-                        "path": f"/usr/lib64/lib{i}.so",
-                    }
-                    for i in range(start, min(rows, start + batch))
-                ],
-            )
+    ids = [f"{rng.getrandbits(160):040x}" for _ in range(rows)]
+    index.bulk_load(
+        [
+            {
+                "name": f"pkg{i}",
+                "epoch": 0,
+                "version": "1.0",
+                "release": "1.fc40",
+                "arch": "x86_64",
+                "os_release": "fedora-40",
+                "path": f"fedora-40/x86_64/Packages/pkg{i}.rpm",
+                "sha256": "0" * 64,
+                "size": 1,
+                "added_at": now,
+            }
+            for i in range(rows // per_package)
+        ],
+        [
+            {
+                "build_id": ids[i],
+                "package_id": i // per_package + 1,
+                "kind": "binary",
+                "path": f"/usr/lib64/lib{i}.so",
+            }
+            for i in range(rows)
+        ],
+    )
     filled = time.perf_counter() - started
     wanted = rng.sample(ids, queries)
     times = []
     for build_id in wanted:
         t = time.perf_counter()
-        hits = store.find_build_ids([build_id])
+        hits = index.find_build_ids([build_id])
         times.append(time.perf_counter() - t)
         assert len(hits) == 1
     times.sort()

@@ -20,11 +20,16 @@ from services.analyzer.sandbox import SandboxUnavailable
 from services.analyzer.unpack import PayloadError
 from services.analyzer.worker import AnalyzeHandler
 from services.common.bus import Consumer, Publisher, policy_problem
+from services.common.data import schema
+from services.common.data.analyzer import AnalyzerData
+from services.common.data.db import Database
+from services.common.data.intake import IntakeData
+from services.common.data.mirror import MirrorData
+from services.common.data.schema import SchemaMismatch
 from services.common.logs import setup_logging
 from services.common.runner import CommandError
 from services.common.settings import AnalyzerConfig, ConfigError, load_settings, log_settings
 from services.common.spool import Spool
-from services.common.store import SchemaMismatch, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(AnalyzerConfig)
         log_settings(settings, "retrace-analyzer")
-        store = Store.from_url(settings.store_url)
-        store.check_revision()
+        db = Database.from_url(settings.store_url)
+        schema.check(db, schema.ANALYZER, uses=(schema.INTAKE, schema.MIRROR))
         sandbox_for(settings.analyzer).check()
     except (ConfigError, SchemaMismatch, SandboxUnavailable) as exc:
         print(f"retrace-analyzer: {exc}", file=sys.stderr)
@@ -54,11 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     problem = policy_problem(settings.broker.management_url, settings.broker.url)
     if problem:
         log.warning("%s", problem)
+    tasks = IntakeData(db)
+    fetch_data = AnalyzerData(db, tasks)
     cache_dir = settings.resolve(settings.analyzer.cache)
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     handler = AnalyzeHandler(
         settings.analyzer,
-        store,
+        tasks,
+        fetch_data,
+        MirrorData(db),
         Spool(settings.spool),
         RootCache(cache_dir, settings.repo, settings.analyzer.cache_max_mib << 20),
         publisher.publish,
@@ -72,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     consumer.subscribe_dead_letters(
         [ANALYZE.dead_letter_queue_for(arch) for arch in settings.analyzer.arches],
         DeadLetterHandler(
-            store,
+            tasks,
             Spool(settings.spool),
             publisher.publish,
             publisher.publish_later,
             settings.analyzer.lease_seconds,
         ),
     )
-    consumer.subscribe(ANALYZER_BUILD_SYNCED, BuildSyncedHandler(store, publisher.publish))
+    consumer.subscribe(ANALYZER_BUILD_SYNCED, BuildSyncedHandler(fetch_data, publisher.publish))
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         consumer.stop()

@@ -21,8 +21,9 @@ from services.analyzer.worker import MAX_LEASE_WAITS, park_for_lease
 from services.common import progress
 from services.common.bus import Later, Publish
 from services.common.bus import death_reason as bus_death_reason
+from services.common.data.db import aware
+from services.common.data.intake import IntakeData, Task, TaskStatus
 from services.common.spool import LOG, Spool
-from services.common.store import Store, Task, TaskStatus, aware
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,13 @@ class DeadLetterHandler:
 
     def __init__(
         self,
-        store: Store,
+        tasks: IntakeData,
         spool: Spool,
         publish: Publish,
         later: Later | None = None,
         lease_seconds: int = 30,
     ) -> None:
-        self._store = store
+        self._tasks = tasks
         self._spool = spool
         self._publish = publish
         self._later = later
@@ -82,7 +83,7 @@ class DeadLetterHandler:
         if task_id is None:
             log.error("dropping a dead-lettered analyze command that names no task: %s", reason)
             return
-        task = self._store.get_task(task_id)
+        task = self._tasks.get_task(task_id)
         if task is None or task.status.final:
             log.info("dead-lettered task %s is finished, deleted or unknown", task_id)
             return
@@ -95,7 +96,7 @@ class DeadLetterHandler:
         # Results before state, as the analyzer's own (services.analyzer.worker).
         folder = self._spool.write_results(task_id, {LOG: tasklog.text()})
         allowed = [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING]
-        if not self._store.move_task(
+        if not self._tasks.move_task(
             task_id,
             allowed,
             TaskStatus.FAILURE,

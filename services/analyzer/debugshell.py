@@ -17,7 +17,7 @@ from typing import Any
 from services.analyzer.gdb import REPORT_SCRIPT, gdb_argv
 from services.analyzer.rootcache import RootCache, WorkFolders
 from services.analyzer.sandbox import Sandbox
-from services.common.store import Nevra, Package
+from services.common.data.mirror import Nevra, Package
 
 MANIFEST = "debug-manifest.json"
 

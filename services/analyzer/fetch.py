@@ -7,7 +7,7 @@ records which build it waits for and how often it asked, the task goes back to
 waits in ``retrace.analyze.<arch>.wait.<n>s`` until its TTL sends it back to the
 analyze queue.  If the mirror's build-synced event comes first, the task's command
 is republished from the store at once.  Of those two copies only the first to
-reach an analyzer runs the task (:meth:`Store.wake_task`); the other does nothing.
+reach an analyzer runs the task (:meth:`AnalyzerData.wake_task`); the other does nothing.
 After ``fetch_attempts`` requests the retrace goes on with what the mirror has.
 """
 
@@ -21,8 +21,8 @@ import sqlalchemy.exc
 from schemas.messages import AnalyzeTaskV1, BuildSyncedV1, MirrorAction, MirrorBuildV1, TaskType
 from schemas.topology import ANALYZE, ANALYZE_WAIT, MIRROR_BUILD
 from services.common.bus import Delivery, Later, Publish, PublishError
+from services.common.data.analyzer import AnalyzerData
 from services.common.settings import AnalyzerSettings
-from services.common.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ class Fetches:
     """The store's and the broker's side of tasks that wait for their crashed build."""
 
     def __init__(
-        self, settings: AnalyzerSettings, store: Store, publish: Publish, later: Later
+        self, settings: AnalyzerSettings, data: AnalyzerData, publish: Publish, later: Later
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._data = data
         self._publish = publish
         self._later = later
 
@@ -56,12 +56,12 @@ class Fetches:
         command = delivery.message
         assert isinstance(command, AnalyzeTaskV1)
         task_id, sent = command.task_id, command.fetch_attempt
-        fetch = self._store.task_fetch(task_id)
+        fetch = self._data.task_fetch(task_id)
         if fetch is None:
             return True
         if sent == fetch.attempts:
             token = delivery.message_id or uuid.uuid4().hex
-            if self._store.wake_task(task_id, sent, token):
+            if self._data.wake_task(task_id, sent, token):
                 return True
             log.info(
                 "task %s: another copy of its command already woke it after request %d; "
@@ -90,7 +90,7 @@ class Fetches:
         attempt = command.fetch_attempt + 1
         seconds = self._settings.fetch_wait_seconds
         text = waiting_progress(nvr, attempt, self._settings.fetch_attempts, seconds)
-        if not self._store.park_task(command.task_id, nvr, attempt, text):
+        if not self._data.park_task(command.task_id, nvr, attempt, text):
             log.info(
                 "task %s: another copy of its command moved it on; this one stops",
                 command.task_id,
@@ -126,8 +126,8 @@ class BuildSyncedHandler:
     queue anyway, so errors are logged and the event is acked, never requeued.
     """
 
-    def __init__(self, store: Store, publish: Publish) -> None:
-        self._store = store
+    def __init__(self, data: AnalyzerData, publish: Publish) -> None:
+        self._data = data
         self._publish = publish
 
     def __call__(self, delivery: Delivery) -> None:
@@ -136,7 +136,7 @@ class BuildSyncedHandler:
         if event.action != MirrorAction.MIRROR:
             return
         try:
-            waiting = self._store.tasks_waiting_for(event.nvr)
+            waiting = self._data.tasks_waiting_for(event.nvr)
             for task, fetch in waiting:
                 command = AnalyzeTaskV1(
                     task_id=task.id,

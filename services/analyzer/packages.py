@@ -35,10 +35,10 @@ from pathlib import Path
 from schemas.nvr import ARCHES, Nvr, parse_nvr
 from services.analyzer.coredump import Module
 from services.analyzer.rootcache import Only, RootCache
+from services.common.data.mirror import BuildIdHit, BuildIdKind, MirrorData, Package
 from services.common.elf import NotElf, build_id_of, open_elf
 from services.common.rpm import os_release_of
 from services.common.rpmfile import PayloadError
-from services.common.store import BuildIdHit, BuildIdKind, Package, Store
 
 # Packages without build-ids that every root needs: the merged-/usr links
 # (/lib64 → usr/lib64) through which a core records the dynamic loader.
@@ -179,9 +179,9 @@ class Finder:
     """Finds the packages of one core; one instance per retrace."""
 
     def __init__(
-        self, store: Store, cache: RootCache, arch: str, crash_dir: Path | None = None
+        self, index: MirrorData, cache: RootCache, arch: str, crash_dir: Path | None = None
     ) -> None:
-        self._store = store
+        self._index = index
         self._cache = cache
         self._arch = arch
         self._hints = read_hints(crash_dir) if crash_dir is not None else []
@@ -213,7 +213,7 @@ class Finder:
 
     def _by_build_id(self, modules: list[Module], notes: list[str]) -> list[Served]:
         by_id: dict[tuple[str, BuildIdKind], list[BuildIdHit]] = defaultdict(list)
-        for hit in self._store.find_build_ids(m.build_id for m in modules if m.build_id):
+        for hit in self._index.find_build_ids(m.build_id for m in modules if m.build_id):
             if hit.package.nevra.arch in (self._arch, "noarch"):
                 by_id[hit.build_id, hit.kind].append(hit)
         served = []
@@ -256,7 +256,7 @@ class Finder:
             if named:
                 paths.append(named)
         for path in dict.fromkeys(paths):
-            for package in self._store.build_of(debug.source_nvr, self._arch):
+            for package in self._index.build_of(debug.source_nvr, self._arch):
                 if package.id == debug.id or package.nevra.name.endswith("-debuginfo"):
                     continue
                 if path in self._installs(package):
@@ -284,7 +284,7 @@ class Finder:
             f"{DEBUG_DIR}{path}-{nevra.version}-{nevra.release}.{nevra.arch}.debug",
             f"{DEBUG_DIR}{path}.debug",
         ]
-        for hit in self._store.find_paths(candidates, [BuildIdKind.DEBUG], self._arch):
+        for hit in self._index.find_paths(candidates, [BuildIdKind.DEBUG], self._arch):
             same_build = binary.source_nvr is not None and hit.package.source_nvr == (
                 binary.source_nvr
             )
@@ -343,10 +343,10 @@ class Finder:
                 continue
             named = [
                 p
-                for p in self._store.find_packages(build.name, release)
+                for p in self._index.find_packages(build.name, release)
                 if (p.nevra.version, p.nevra.release) == (build.version, build.release)
             ]
-            of_build = self._store.build_of(str(build), self._arch)
+            of_build = self._index.build_of(str(build), self._arch)
             for package in {p.id: p for p in [*named, *of_build]}.values():
                 if package.nevra.arch in (self._arch, "noarch") and not package.nevra.name.endswith(
                     ("-debuginfo", "-debugsource")
@@ -355,7 +355,7 @@ class Finder:
 
     def _debuginfo_of(self, package: Package) -> Package | None:
         nevra = package.nevra
-        for candidate in self._store.find_packages(f"{nevra.name}-debuginfo", package.os_release):
+        for candidate in self._index.find_packages(f"{nevra.name}-debuginfo", package.os_release):
             same = (candidate.nevra.version, candidate.nevra.release, candidate.nevra.arch)
             if same == (nevra.version, nevra.release, nevra.arch):
                 return candidate
@@ -375,9 +375,9 @@ class Finder:
                 f"are built for {found}: {found} is used"
             )
         for name in BASE_PACKAGES:
-            candidates = self._store.find_packages(
+            candidates = self._index.find_packages(
                 name, found, self._arch
-            ) or self._store.find_packages(name, found, "noarch")
+            ) or self._index.find_packages(name, found, "noarch")
             if candidates:
                 result.extra.append(candidates[0])
             else:
@@ -466,19 +466,19 @@ class Finder:
     ) -> tuple[Package | None, str]:
         hits = [
             hit
-            for hit in self._store.find_build_ids([build_id])
+            for hit in self._index.find_build_ids([build_id])
             if hit.kind in (BuildIdKind.DWZ, BuildIdKind.DEBUG)
         ]
         if hits:
             return min(hits, key=lambda h: h.package.id).package, "by its build-id"
-        hits = self._store.find_paths([path], [BuildIdKind.DWZ], self._arch)
+        hits = self._index.find_paths([path], [BuildIdKind.DWZ], self._arch)
         if hits:
             return min(hits, key=lambda h: h.package.id).package, f"by its path {path}"
         build = _build_of(posixpath.basename(path))
         if build is None or os_release is None:
             return None, f"its name {posixpath.basename(path)} names no build"
         name, version, release, arch = build
-        for package in self._store.find_packages(f"{name}-debuginfo", os_release, arch):
+        for package in self._index.find_packages(f"{name}-debuginfo", os_release, arch):
             if (package.nevra.version, package.nevra.release) == (version, release):
                 return package, f"by its name, as the build {name}-{version}-{release}"
         return None, f"{name}-debuginfo-{version}-{release}.{arch} is not mirrored"
@@ -487,7 +487,7 @@ class Finder:
 
     def build_is_mirrored(self, build: Build) -> bool:
         """Whether the mirror has ``build``, named by a package or by its build's name."""
-        if self._store.build_of(str(build), self._arch):
+        if self._index.build_of(str(build), self._arch):
             return True
         release = os_release_of(build.release) or self._declared
         if release is None:
@@ -495,7 +495,7 @@ class Finder:
         return any(
             (p.nevra.version, p.nevra.release) == (build.version, build.release)
             and p.nevra.arch in (self._arch, "noarch")
-            for p in self._store.find_packages(build.name, release)
+            for p in self._index.find_packages(build.name, release)
         )
 
 

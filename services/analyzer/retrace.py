@@ -26,9 +26,9 @@ from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
 from services.analyzer.unpack import PayloadError
 from services.common import progress
+from services.common.data.mirror import MirrorData, Package
 from services.common.elf import NotACore, core_arch
 from services.common.settings import AnalyzerSettings
-from services.common.store import Package, Store
 
 
 class RetraceFailure(Exception):
@@ -57,7 +57,7 @@ class Job:
 
     crash_dir: Path
     work_dir: Path
-    store: Store
+    index: MirrorData
     cache: RootCache
     settings: AnalyzerSettings
     log: TaskLog
@@ -75,7 +75,7 @@ def retrace(job: Job) -> Retrace:
     executable = (job.crash_dir / "executable").read_text(encoding="utf-8").strip()
     job.set_progress(progress.ANALYZE)
     arch, modules = read_core(job, core, executable)
-    finder = Finder(job.store, job.cache, arch, job.crash_dir)
+    finder = Finder(job.index, job.cache, arch, job.crash_dir)
     resolution = find_packages(job, finder, modules)
     check_crashed_build(job, finder, resolution)
     job.set_progress(progress.INIT)

@@ -45,8 +45,8 @@ from functools import cached_property
 from pathlib import Path
 
 from services.analyzer.unpack import DIR, FILE, LINK, Entry, fill_rpm, shown, unpack_rpm
+from services.common.data.mirror import Package
 from services.common.rpmfile import RpmHeader, read_header
-from services.common.store import Package
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,11 @@ from services.analyzer.rootcache import RootCache, WorkFolders
 from services.analyzer.tasklog import TaskLog
 from services.common import progress
 from services.common.bus import Delivery, Later, Publish
+from services.common.data.analyzer import AnalyzerData
+from services.common.data.intake import IntakeData, TaskStatus
+from services.common.data.mirror import MirrorData
 from services.common.settings import AnalyzerSettings
 from services.common.spool import BACKTRACE, BACKTRACE_JSON, LOG, Spool
-from services.common.store import Store, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,8 @@ class LeaseKeeper:
     """Renews an analyzer's lease on a task every ``every`` seconds while it works on it,
     and gives it up at the end, however the work ends."""
 
-    def __init__(self, store: Store, task_id: str, owner: str, every: float) -> None:
-        self._store = store
+    def __init__(self, tasks: IntakeData, task_id: str, owner: str, every: float) -> None:
+        self._tasks = tasks
         self._task_id = task_id
         self._owner = owner
         self._every = every
@@ -85,14 +87,14 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join()
         try:
-            self._store.release_lease(self._task_id, self._owner)
+            self._tasks.release_lease(self._task_id, self._owner)
         except sqlalchemy.exc.SQLAlchemyError:
             log.warning("task %s: the lease could not be released; it expires", self._task_id)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
             try:
-                self._store.renew_lease(self._task_id, self._owner)
+                self._tasks.renew_lease(self._task_id, self._owner)
             except sqlalchemy.exc.SQLAlchemyError as exc:
                 log.warning("task %s: the lease was not renewed: %s", self._task_id, exc)
 
@@ -108,7 +110,9 @@ class AnalyzeHandler:
     def __init__(
         self,
         settings: AnalyzerSettings,
-        store: Store,
+        tasks: IntakeData,
+        fetch_data: AnalyzerData,
+        index: MirrorData,
         spool: Spool,
         cache: RootCache,
         publish: Publish,
@@ -116,12 +120,14 @@ class AnalyzeHandler:
         later: Later,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._tasks = tasks
+        self._fetch_data = fetch_data
+        self._index = index
         self._spool = spool
         self._cache = cache
         self._publish = publish
         self._later = later
-        self._fetches = Fetches(settings, store, publish, later)
+        self._fetches = Fetches(settings, fetch_data, publish, later)
         # What analyzers that died left in the work folder goes now; a live one's stays.
         self._work = WorkFolders(work_root)
         self._work.sweep()
@@ -136,7 +142,7 @@ class AnalyzeHandler:
         task_id = command.task_id
         if not self._fetches.admit(delivery):
             return
-        task = self._store.get_task(task_id)
+        task = self._tasks.get_task(task_id)
         if (
             task is not None
             and task.held_by_other(self._owner, self._lease_fresh_after())
@@ -151,18 +157,18 @@ class AnalyzeHandler:
         # The intake marks a task queued only after its command is published, so the
         # command can arrive while the task is still "submitting".
         claimable = [TaskStatus.SUBMITTING, TaskStatus.QUEUED, TaskStatus.RUNNING]
-        if not self._store.move_task(
+        if not self._tasks.move_task(
             task_id, claimable, TaskStatus.RUNNING,
             progress=progress.ANALYZE, lease_owner=self._owner, lease_at=datetime.now(UTC),
         ):  # fmt: skip
             log.info("task %s is finished, deleted or unknown; nothing to do", task_id)
-            task = self._store.get_task(task_id)
+            task = self._tasks.get_task(task_id)
             if task is not None and task.status.final and task.task_type != TaskType.DEBUG:
                 # Its analyzer may have died between finishing it and deleting its core.
                 (self._spool.crash_dir(task_id) / "coredump").unlink(missing_ok=True)
             return
         # The lease is held from the claim to the update that finishes the task.
-        with LeaseKeeper(self._store, task_id, self._owner, self._settings.lease_seconds / 3):
+        with LeaseKeeper(self._tasks, task_id, self._owner, self._settings.lease_seconds / 3):
             self._attempt(command)
 
     def _attempt(self, command: AnalyzeTaskV1) -> None:
@@ -175,11 +181,11 @@ class AnalyzeHandler:
                 job = Job(
                     crash_dir=self._spool.crash_dir(task_id),
                     work_dir=work_dir,
-                    store=self._store,
+                    index=self._index,
                     cache=self._cache,
                     settings=self._settings,
                     log=tasklog,
-                    set_progress=lambda text: self._store.set_progress(task_id, text),
+                    set_progress=lambda text: self._tasks.set_progress(task_id, text),
                     manifest=(
                         self._spool.task_dir(task_id) / MANIFEST
                         if command.task_type == TaskType.DEBUG
@@ -228,7 +234,7 @@ class AnalyzeHandler:
         try:
             folder = self._spool.write_results(task_id, files)
         except OSError as error:
-            task = self._store.get_task(task_id)
+            task = self._tasks.get_task(task_id)
             if task is None or task.status.final:
                 # Deleted with its folder, or finished by another attempt that removed
                 # this one's folder as superseded: nothing of ours is wanted.
@@ -240,7 +246,7 @@ class AnalyzeHandler:
             return
         _fault("exit-before-finish")
         # Only the first attempt to get here wins; a duplicate's results are dropped.
-        if not self._store.move_task(task_id, [TaskStatus.RUNNING], status, progress=text,
+        if not self._tasks.move_task(task_id, [TaskStatus.RUNNING], status, progress=text,
                                      reason=None if status == TaskStatus.SUCCESS else str(outcome),
                                      crash_function=event.crash_function,
                                      crash_module=event.crash_module,
@@ -255,7 +261,7 @@ class AnalyzeHandler:
     def _retry_later(self, command: AnalyzeTaskV1, error: OSError) -> None:
         """The disk is full: back to queued, and the command waits before it comes back."""
         seconds = self._settings.results_retry_seconds
-        if not self._store.requeue_task(command.task_id, retry_progress(seconds)):
+        if not self._fetch_data.requeue_task(command.task_id, retry_progress(seconds)):
             log.info("task %s was finished or deleted meanwhile", command.task_id)
             return
         retry = AnalyzeTaskV1(

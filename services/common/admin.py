@@ -17,16 +17,25 @@ from services.common.bus import (
     declare_topology,
     topology_definitions,
 )
+from services.common.data import schema
+from services.common.data.db import Database
 from services.common.logs import setup_logging
 from services.common.settings import AdminConfig, ConfigError, load_settings
-from services.common.store import Store
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``retrace-admin`` command."""
     parser = argparse.ArgumentParser(prog="retrace-admin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="create or upgrade the database schema")
+    migrate = sub.add_parser(
+        "migrate",
+        help="create or upgrade the database schema: every service's branch, or one",
+    )
+    migrate.add_argument(
+        "--service",
+        choices=[branch.name for branch in schema.ORDER],
+        help="upgrade only this service's tables (a rolling upgrade, one service at a time)",
+    )
     topology = sub.add_parser(
         "topology", help="declare exchanges, queues and bindings on the broker"
     )
@@ -55,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"retrace-admin: {problem}", file=sys.stderr)
         return 2
     if args.command == "migrate":
-        store = Store.from_url(settings.store_url)
-        before = store.current_revision()
-        after = store.migrate()
-        print(f"database schema: {before or 'empty'} -> {after}")
-    elif args.command == "topology":
+        return _migrate(settings, args.service)
+    if args.command == "topology":
         arches = tuple(sorted({*settings.intake.arches, *settings.analyzer.arches}))
         if args.export is not None:
             return _export(settings, arches, args.export)
@@ -88,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} applied to queues matching {policy['pattern']}: {policy['definition']}")
     else:
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+    return 0
+
+
+def _migrate(settings: AdminConfig, service: str | None) -> int:
+    db = Database.from_url(settings.store_url)
+    branches = schema.ORDER if service is None else (schema.BRANCHES[service],)
+    try:
+        carried, done = schema.migrate(db, branches)
+    except schema.SchemaMismatch as exc:
+        print(f"retrace-admin: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    if carried is not None:
+        print(f"database schema: carried over from the single chain at {carried}")
+    for step in done:
+        print(f"{step.branch} schema: {step.before or 'empty'} -> {step.after}")
     return 0
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
+from services.common.data.mirror import BuildIdKind, IndexEntry, IndexSource
 from services.common.rpmfile import PayloadError, RpmHeader, resolve_link
-from services.common.store import BuildIdKind, IndexEntry, IndexSource
 
 _BUILD_ID_ENTRY = re.compile(
     r"^/usr/lib(?P<debug>/debug)?/\.build-id/(?P<head>[0-9a-f]{2})/(?P<tail>[0-9a-f]{6,})"

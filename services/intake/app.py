@@ -12,9 +12,10 @@ import falcon
 from schemas.messages import Message
 from schemas.topology import Route
 from services.common.bus import Publish
+from services.common.data.intake import IntakeData
+from services.common.data.mirror import MirrorData
 from services.common.settings import IntakeConfig
 from services.common.spool import Spool
-from services.common.store import Store
 from services.intake import passwords
 from services.intake.catalog import CheckPackageResource, MirrorLookup, SettingsResource
 from services.intake.clients import RequireHttps
@@ -67,7 +68,8 @@ class _Unprobed:
 
 def create_app(
     settings: IntakeConfig,
-    store: Store,
+    data: IntakeData,
+    index: MirrorData,
     spool: Spool,
     publish: Publish,
     new_id: Callable[[], str] = new_task_id,
@@ -104,14 +106,14 @@ def create_app(
 
     app.add_error_handler(Refusal, refused)
     key = passwords.server_key(limits.password_key, spool.root)
-    metrics.watch(store, spool.root, free_space, broker.queue_depth)
+    metrics.watch(data, spool.root, free_space, broker.queue_depth)
     # One publisher, one lock: uploads and /checkpackage publish from many threads.
     publishing = Publishing(publish)
     app.add_route(
         "/create",
         CreateResource(
             settings,
-            store,
+            data,
             spool,
             publishing,
             new_id,
@@ -122,22 +124,22 @@ def create_app(
             upload_slots,
         ),
     )
-    app.add_route("/settings", SettingsResource(limits, store))
+    app.add_route("/settings", SettingsResource(limits, data, index))
     mirror = (
         MirrorLookup(limits.mirror_url, limits.mirror_timeout_seconds)
         if limits.mirror_url
         else None
     )
-    app.add_route("/checkpackage", CheckPackageResource(limits, store, publishing, mirror))
+    app.add_route("/checkpackage", CheckPackageResource(limits, index, publishing, mirror))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/__lbheartbeat__", LbHeartbeatResource())
     app.add_route(
         "/__heartbeat__",
-        HeartbeatResource(store, broker, spool.root, free_space, limits.min_free_space_mib * MIB),
+        HeartbeatResource(data.db, broker, spool.root, free_space, limits.min_free_space_mib * MIB),
     )
     app.add_route("/__version__", VersionResource())
-    tasks = TaskResource(limits, store, spool, key)
+    tasks = TaskResource(limits, data, spool, key)
     app.add_route("/{task_id}", tasks)
     app.add_route("/{task_id}/log", tasks, suffix="log")
     app.add_route("/{task_id}/backtrace", tasks, suffix="backtrace")

@@ -20,8 +20,9 @@ from schemas.messages import MirrorBuildV1, Nvr
 from schemas.nvr import parse_nvr
 from schemas.topology import MIRROR_BUILD
 from services.common.bus import Publish, PublishError
+from services.common.data.intake import IntakeData
+from services.common.data.mirror import MirrorData
 from services.common.settings import IntakeSettings
-from services.common.store import Store
 from services.intake.clients import client_address
 from services.intake.create import ACTIVE
 from services.intake.errors import Refusal
@@ -43,19 +44,20 @@ class SettingsResource:
     """``GET /settings``: limits, formats and releases, in the original's ``key value``
     lines, or as a JSON object when the client asks for ``application/json``."""
 
-    def __init__(self, settings: IntakeSettings, store: Store) -> None:
+    def __init__(self, settings: IntakeSettings, data: IntakeData, index: MirrorData) -> None:
         self._settings = settings
-        self._store = store
+        self._data = data
+        self._index = index
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limits = self._settings
         values: dict[str, int | list[str]] = {
-            "running_tasks": self._store.count_tasks(ACTIVE),
+            "running_tasks": self._data.count_tasks(ACTIVE),
             "max_running_tasks": limits.max_running_tasks,
             "max_packed_size": limits.max_packed_size_mib,
             "max_unpacked_size": limits.max_unpacked_size_mib,
             "supported_formats": list(DECODERS),
-            "supported_releases": supported_releases(limits, self._store),
+            "supported_releases": supported_releases(limits, self._index),
         }
         if wants_json(req):
             resp.content_type = falcon.MEDIA_JSON
@@ -68,14 +70,14 @@ class SettingsResource:
         )
 
 
-def supported_releases(settings: IntakeSettings, store: Store) -> list[str]:
+def supported_releases(settings: IntakeSettings, index: MirrorData) -> list[str]:
     """The releases offered to clients, spelled as ABRT's client spells its own.
 
     Those the intake is configured for (``releases``) and those the mirror holds, on
     the architectures an analyzer takes (a core of any other is refused anyway):
     newest first, at most 32, since the client looks for its string in the first 32.
     """
-    held = store.mirrored_releases()
+    held = index.mirrored_releases()
     configured = [(release, arch) for release in settings.releases for arch in settings.arches]
     pairs = [(release, arch) for release, arch in held if arch in settings.arches]
     return supported([*configured, *pairs], settings.rawhide)
@@ -195,13 +197,13 @@ class CheckPackageResource:
     def __init__(
         self,
         settings: IntakeSettings,
-        store: Store,
+        index: MirrorData,
         publish: Publish,
         mirror: MirrorLookup | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._index = index
         self._publish = publish
         self._mirror = mirror
         self._clock = clock
@@ -237,7 +239,7 @@ class CheckPackageResource:
         name, version, release = parsed.name, parsed.version, parsed.release
         os_releases = self._os_releases(req.get_header("X-OS-Release"))
         resp.content_type = falcon.MEDIA_TEXT
-        found = self._store.holds_build(
+        found = self._index.holds_build(
             name, version, release, package_arches(arch), os_releases
         ) or self._fetching(f"{name}-{version}-{release}", client)
         if not found:
@@ -270,7 +272,7 @@ class CheckPackageResource:
             )
         known: set[str] = set(self._settings.releases)
         if named.version == RAWHIDE:
-            known |= {release for release, _ in self._store.mirrored_releases()}
+            known |= {release for release, _ in self._index.mirrored_releases()}
         releases = named.os_releases(known, self._settings.rawhide)
         if not releases:
             raise Refusal(404, f"this server does not retrace {named}", code="no_package")

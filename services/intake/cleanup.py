@@ -17,9 +17,9 @@ from datetime import UTC, datetime, timedelta
 from schemas.messages import AnalyzeTaskV1, TaskType
 from schemas.topology import ANALYZE
 from services.common.bus import Publish, PublishError
+from services.common.data.intake import IntakeData, TaskStatus
 from services.common.settings import IntakeSettings
 from services.common.spool import Spool
-from services.common.store import Store, TaskStatus
 from services.intake.leases import sweep_expired
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,10 @@ class Cleanup:
     """One pass over the store and the spool."""
 
     def __init__(
-        self, settings: IntakeSettings, store: Store, spool: Spool, publish: Publish
+        self, settings: IntakeSettings, data: IntakeData, spool: Spool, publish: Publish
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._data = data
         self._spool = spool
         self._publish = publish
 
@@ -66,25 +66,25 @@ class Cleanup:
             TaskStatus.FAILURE: timedelta(hours=self._settings.keep_failure_hours),
         }
         for status, hours in keep.items():
-            for task in self._store.tasks_older_than(status, now - hours):
-                if self._store.delete_task_if(task.id, status):
+            for task in self._data.tasks_older_than(status, now - hours):
+                if self._data.delete_task_if(task.id, status):
                     self._spool.remove(task.id)
                     report.expired.append(task.id)
         debug_until = now - timedelta(hours=self._settings.keep_debug_hours)
         for status in keep:
-            for task in self._store.tasks_older_than(status, debug_until):
+            for task in self._data.tasks_older_than(status, debug_until):
                 crash = self._spool.crash_dir(task.id)
                 if task.task_type == TaskType.DEBUG and crash.exists():
                     shutil.rmtree(crash, ignore_errors=True)
                     report.debug_cores_removed.append(task.id)
         self._stuck(now, report)
         # Uploads whose intake worker died (its lease expired): their rows and folders.
-        report.released_uploads = sweep_expired(self._store, self._spool)
+        report.released_uploads = sweep_expired(self._data, self._spool)
         self._leftovers(report)
-        self._store.forget_password_failures(
+        self._data.forget_password_failures(
             now - timedelta(seconds=self._settings.wrong_password_window_seconds)
         )
-        self._store.forget_uploads(now - timedelta(seconds=self._settings.upload_timeout_seconds))
+        self._data.forget_uploads(now - timedelta(seconds=self._settings.upload_timeout_seconds))
         log.info("cleanup: %s", report.summary())
         return report
 
@@ -92,9 +92,9 @@ class Cleanup:
         # A task stays submitting only if its intake died between recording it and
         # queueing it: its files are complete (the row is written after them).
         since = now - timedelta(seconds=self._settings.submitting_timeout_seconds)
-        for task in self._store.tasks_older_than(TaskStatus.SUBMITTING, since):
+        for task in self._data.tasks_older_than(TaskStatus.SUBMITTING, since):
             if not (self._spool.crash_dir(task.id) / "coredump").exists():
-                if self._store.delete_task_if(task.id, TaskStatus.SUBMITTING):
+                if self._data.delete_task_if(task.id, TaskStatus.SUBMITTING):
                     self._spool.remove(task.id)
                     report.abandoned.append(task.id)
                 continue
@@ -106,7 +106,7 @@ class Cleanup:
             except PublishError as exc:
                 log.warning("cleanup: task %s still not queued: %s", task.id, exc)
                 continue
-            if self._store.move_task(task.id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED):
+            if self._data.move_task(task.id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED):
                 report.republished.append(task.id)
 
     def _leftovers(self, report: Report) -> None:
@@ -123,6 +123,6 @@ class Cleanup:
                     continue
             except FileNotFoundError:
                 continue
-            if self._store.get_task(folder.name) is None:
+            if self._data.get_task(folder.name) is None:
                 self._spool.remove(folder.name)
                 report.leftovers.append(folder.name)

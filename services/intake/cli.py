@@ -8,10 +8,13 @@ import os
 import sys
 
 from services.common.bus import Publisher, policy_problem
+from services.common.data import schema
+from services.common.data.db import Database
+from services.common.data.intake import IntakeData
+from services.common.data.schema import SchemaMismatch
 from services.common.logs import setup_logging
 from services.common.settings import ConfigError, IntakeConfig, load_settings
 from services.common.spool import Spool
-from services.common.store import SchemaMismatch, Store
 from services.intake.cleanup import Cleanup
 
 log = logging.getLogger(__name__)
@@ -37,15 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Fail here, with a clear message, rather than in every gunicorn worker.
         settings = load_settings(IntakeConfig)
-        store = Store.from_url(settings.store_url)
-        store.check_revision()
+        db = Database.from_url(settings.store_url)
+        schema.check(db, schema.INTAKE, uses=(schema.MIRROR,))
     except (ConfigError, SchemaMismatch) as exc:
         print(f"retrace-intake: {exc}", file=sys.stderr)
         return 2
     if args.command == "cleanup":
         publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
         try:
-            report = Cleanup(settings.intake, store, Spool(settings.spool), publisher.publish).run()
+            report = Cleanup(
+                settings.intake, IntakeData(db), Spool(settings.spool), publisher.publish
+            ).run()
         finally:
             publisher.close()
         print(f"retrace-intake cleanup: {report.summary()}")

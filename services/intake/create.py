@@ -23,9 +23,9 @@ from schemas.messages import AnalyzeTaskV1, TaskType
 from schemas.topology import ANALYZE
 from services.common import progress
 from services.common.bus import Publish, PublishError
+from services.common.data.intake import IntakeData, TaskStatus
 from services.common.settings import IntakeConfig
 from services.common.spool import Spool
-from services.common.store import Store, TaskStatus
 from services.intake import passwords
 from services.intake.clients import client_address
 from services.intake.errors import Refusal
@@ -88,7 +88,7 @@ class CreateResource:
     def __init__(
         self,
         settings: IntakeConfig,
-        store: Store,
+        data: IntakeData,
         spool: Spool,
         publish: Publish,
         new_id: Callable[[], str],
@@ -99,14 +99,14 @@ class CreateResource:
         upload_slots: int | None = None,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._data = data
         self._spool = spool
         self._publish = publish
         self._new_id = new_id
         self._free_space = free_space
         self._metrics = metrics or Metrics()
         self._open = opener
-        self._leases = leases or Leases(store, spool)
+        self._leases = leases or Leases(data, spool)
         # Uploads this process receives at once (None: no cap of its own).
         self._slots = threading.BoundedSemaphore(upload_slots) if upload_slots else None
         self._slot_count = upload_slots
@@ -144,7 +144,7 @@ class CreateResource:
     def _create(self, req: falcon.Request, resp: falcon.Response) -> None:
         limits = self._settings.intake
         task_type = task_type_of(req.get_header("X-Task-Type"))
-        if self._store.count_tasks(ACTIVE) >= limits.max_running_tasks:
+        if self._data.count_tasks(ACTIVE) >= limits.max_running_tasks:
             raise Refusal(
                 503,
                 f"the server is busy with {limits.max_running_tasks} tasks; try again later",
@@ -193,7 +193,7 @@ class CreateResource:
             raise
         finally:
             body.release()
-            self._store.end_upload(upload_id)
+            self._data.end_upload(upload_id)
             self._metrics.received_bytes.inc(body.received)
         self._metrics.created_tasks.labels(task_type.value).inc()
         log.info("task %s created (%s, %s)", task_id, arch, task_type)
@@ -244,7 +244,7 @@ class CreateResource:
                     code="arch",
                 )
             password = passwords.new_password()
-            self._store.create_task(
+            self._data.create_task(
                 task_id, passwords.digest(password), crash.arch, task_type, progress.QUEUED
             )
             recorded = True
@@ -259,11 +259,11 @@ class CreateResource:
                     {"Retry-After": RETRY_FULL},
                     code="broker",
                 ) from exc
-            self._store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+            self._data.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
         except BaseException:
             # Whatever happened (a refusal, the client gone, a bug), leave nothing.
             if recorded:
-                self._store.delete_task(task_id)
+                self._data.delete_task(task_id)
             self._spool.remove(task_id)
             raise
         return task_id, password, crash.arch

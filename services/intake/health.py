@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from schemas.topology import ANALYZE
 from services.common.bus import connect
-from services.common.store import Store
+from services.common.data.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,13 @@ class HeartbeatResource:
 
     def __init__(
         self,
-        store: Store,
+        db: Database,
         broker: BrokerProbe,
         spool: Path,
         free_space: Callable[[Path], int],
         min_free: int,
     ) -> None:
-        self._store = store
+        self._db = db
         self._broker = broker
         self._spool = spool
         self._free_space = free_space
@@ -106,8 +106,7 @@ class HeartbeatResource:
 
     def _database(self) -> str:
         try:
-            with self._store.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
+            self._db.ping()
         except sa.exc.SQLAlchemyError as exc:
             log.warning("heartbeat: database: %s", exc)
             return "the database does not answer"

@@ -21,8 +21,9 @@ import socket
 import threading
 from datetime import UTC, datetime, timedelta
 
+from services.common.data.db import Database
+from services.common.data.intake import IntakeData
 from services.common.spool import Spool
-from services.common.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +39,24 @@ def this_worker() -> tuple[str, int]:
     return socket.gethostname()[:255], os.getpid()
 
 
-def release(store: Store, spool: Spool, upload_id: str, task_id: str | None) -> None:
+def release(data: IntakeData, spool: Spool, upload_id: str, task_id: str | None) -> None:
     """Remove an abandoned upload's partial folder, unless a task owns it (an upload
     that got as far as recording its task leaves it to cleanup's stuck-task pass)."""
-    if task_id and store.get_task(task_id) is None:
+    if task_id and data.get_task(task_id) is None:
         spool.remove(task_id)
     log.info("released upload %s (folder %s) of a dead intake worker", upload_id, task_id)
 
 
-def sweep_expired(store: Store, spool: Spool, lease_seconds: float = LEASE_SECONDS) -> list[str]:
+def sweep_expired(
+    data: IntakeData, spool: Spool, lease_seconds: float = LEASE_SECONDS
+) -> list[str]:
     """Let go of every upload whose lease expired; the ids of those let go."""
     cutoff = datetime.now(UTC) - timedelta(seconds=lease_seconds)
     released = []
-    for upload_id, task_id in store.uploads_to_release(cutoff):
+    for upload_id, task_id in data.uploads_to_release(cutoff):
         # Guarded: a worker that renewed the lease meanwhile keeps its upload.
-        if store.release_upload(upload_id, expired_before=cutoff):
-            release(store, spool, upload_id, task_id)
+        if data.release_upload(upload_id, expired_before=cutoff):
+            release(data, spool, upload_id, task_id)
             released.append(upload_id)
     return released
 
@@ -63,13 +66,13 @@ class Leases:
 
     def __init__(
         self,
-        store: Store,
+        data: IntakeData,
         spool: Spool,
         holder: tuple[str, int] | None = None,
         lease_seconds: float = LEASE_SECONDS,
         renew_seconds: float = RENEW_SECONDS,
     ) -> None:
-        self._store = store
+        self._data = data
         self._spool = spool
         self._holder = holder
         self.lease_seconds = lease_seconds
@@ -87,14 +90,14 @@ class Leases:
         return how many uploads ``client`` has in flight, this one included (uploads
         without a lease, from before leases, count if begun after ``since``)."""
         lease_since = datetime.now(UTC) - timedelta(seconds=self.lease_seconds)
-        return self._store.begin_leased_upload(
+        return self._data.begin_leased_upload(
             upload_id, client, task_id, self.holder, lease_since, since
         )
 
     def tick(self) -> None:
         """Renew this worker's leases, then sweep the expired ones of dead workers."""
-        self._store.renew_uploads(self.holder)
-        sweep_expired(self._store, self._spool, self.lease_seconds)
+        self._data.renew_uploads(self.holder)
+        sweep_expired(self._data, self._spool, self.lease_seconds)
 
     def start(self) -> None:
         """Renew and sweep every ``renew_seconds`` from a daemon thread, until :meth:`stop`."""
@@ -128,19 +131,20 @@ def release_dead_worker(pid: int) -> list[str]:
         from services.common.settings import IntakeConfig, load_settings  # noqa: PLC0415 -- master only
 
         settings = load_settings(IntakeConfig)
-        store = Store.from_url(settings.store_url)
+        db = Database.from_url(settings.store_url)
+        data = IntakeData(db)
         try:
             spool = Spool(settings.spool)
             released = []
-            for upload_id, task_id in store.uploads_to_release(
+            for upload_id, task_id in data.uploads_to_release(
                 datetime.now(UTC), holder=(this_worker()[0], pid)
             ):
-                if store.release_upload(upload_id):
-                    release(store, spool, upload_id, task_id)
+                if data.release_upload(upload_id):
+                    release(data, spool, upload_id, task_id)
                     released.append(upload_id)
             return released
         finally:
-            store.engine.dispose()
+            db.dispose()
     except Exception:
         log.warning("could not release the uploads of worker %s", pid, exc_info=True)
         return []

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest, multi
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common.store import Store, TaskStatus
+from services.common.data.intake import IntakeData, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,12 @@ class _SharedState(Collector):
 
     def __init__(
         self,
-        store: Store,
+        data: IntakeData,
         spool: Path,
         free_space: Callable[[Path], int],
         queue_depth: Callable[[], int | None],
     ) -> None:
-        self._store = store
+        self._data = data
         self._spool = spool
         self._free_space = free_space
         self._queue_depth = queue_depth
@@ -60,7 +60,7 @@ class _SharedState(Collector):
         )
         if fill:
             try:
-                for state, count in self._store.count_tasks_by_status().items():
+                for state, count in self._data.count_tasks_by_status().items():
                     by_state.add_metric([state.value], count)
             except Exception:
                 log.warning("metrics: the store did not answer", exc_info=True)
@@ -106,13 +106,13 @@ class Metrics:
 
     def watch(
         self,
-        store: Store,
+        data: IntakeData,
         spool: Path,
         free_space: Callable[[Path], int],
         queue_depth: Callable[[], int | None],
     ) -> None:
         """Export the shared-state gauges, read from these at each scrape."""
-        self._shared = _SharedState(store, spool, free_space, queue_depth)
+        self._shared = _SharedState(data, spool, free_space, queue_depth)
         self.registry.register(self._shared)
 
     def exposition(self) -> bytes:

@@ -8,10 +8,13 @@ import os
 import falcon
 
 from services.common.bus import Publisher
+from services.common.data import schema
+from services.common.data.db import Database
+from services.common.data.intake import IntakeData
+from services.common.data.mirror import MirrorData
 from services.common.logs import setup_logging
 from services.common.settings import IntakeConfig, load_settings, log_settings
 from services.common.spool import Spool
-from services.common.store import Store
 from services.intake.app import create_app
 from services.intake.health import AmqpProbe
 from services.intake.leases import Leases
@@ -23,20 +26,22 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     setup_logging()
     settings = load_settings(IntakeConfig)
     log_settings(settings, "retrace-intake")
-    store = Store.from_url(settings.store_url)
-    store.check_revision()
+    db = Database.from_url(settings.store_url)
+    schema.check(db, schema.INTAKE, uses=(schema.MIRROR,))
+    data = IntakeData(db)
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     logging.getLogger(__name__).info("intake ready; spool %s", settings.spool)
     probe = AmqpProbe(settings.broker.url, settings.intake.arches)
     spool = Spool(settings.spool)
     # Renews this worker's upload leases and sweeps those of dead workers.
-    leases = Leases(store, spool)
+    leases = Leases(data, spool)
     leases.start()
     # Set in each worker by the gunicorn config (services/intake/gunicorn_conf.py).
     slots = os.environ.get(UPLOAD_SLOTS)
     return create_app(
         settings,
-        store,
+        data,
+        MirrorData(db),
         spool,
         publisher.publish,
         broker=probe,

@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 import falcon
 
 from schemas.messages import TASK_ID_PATTERN
+from services.common.data.intake import IntakeData, Task, TaskStatus
 from services.common.settings import IntakeSettings
 from services.common.spool import BACKTRACE, BACKTRACE_JSON, LOG, Spool
-from services.common.store import Store, Task, TaskStatus
 from services.intake import passwords
 from services.intake.clients import client_address
 from services.intake.errors import Refusal
@@ -37,14 +37,16 @@ REPLAYS = 1
 class TaskResource:
     """One task's status and results."""
 
-    def __init__(self, settings: IntakeSettings, store: Store, spool: Spool, key: bytes) -> None:
+    def __init__(
+        self, settings: IntakeSettings, data: IntakeData, spool: Spool, key: bytes
+    ) -> None:
         self._settings = settings
-        self._store = store
+        self._data = data
         self._spool = spool
         self._key = key
 
     def _authorized(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> Task:
-        task = self._store.get_task(task_id) if TASK_ID.match(task_id) else None
+        task = self._data.get_task(task_id) if TASK_ID.match(task_id) else None
         if task is None or task.status == TaskStatus.SUBMITTING:
             raise Refusal(404, f"there is no task {task_id[:64]!r}", code="no_task")
         presented = req.get_header("X-Task-Password") or ""
@@ -65,7 +67,7 @@ class TaskResource:
             return None
         used = passwords.digest(presented)
         following = passwords.following(self._key, task.id, presented)
-        if passwords.matches(presented, task.password_digest) and self._store.rotate_password(
+        if passwords.matches(presented, task.password_digest) and self._data.rotate_password(
             task.id, used, passwords.digest(following)
         ):
             return following
@@ -73,7 +75,7 @@ class TaskResource:
         # concurrent request with the same password rotated first: both get the same
         # next password.  Read again, the row may have moved on since.
         since = datetime.now(UTC) - timedelta(seconds=self._settings.password_grace_seconds)
-        if self._store.replay_password(task.id, used, since, REPLAYS):
+        if self._data.replay_password(task.id, used, since, REPLAYS):
             return following
         return None
 
@@ -81,7 +83,7 @@ class TaskResource:
         client = client_address(req, self._settings.trusted_proxies)
         window = self._settings.wrong_password_window_seconds
         start = datetime.now(UTC) - timedelta(seconds=window)
-        failures = self._store.count_password_failure(task_id, client, start)
+        failures = self._data.count_password_failure(task_id, client, start)
         if failures > self._settings.wrong_password_limit:
             raise Refusal(
                 429,
@@ -119,7 +121,7 @@ class TaskResource:
         """Forget the task and its files at once.  An analyzer still working on it finds
         no row to move to a final state, so its results are never recorded."""
         self._authorized(req, resp, task_id)
-        self._store.delete_task(task_id)
+        self._data.delete_task(task_id)
         self._spool.remove(task_id)
         log.info("task %s deleted by its owner", task_id)
         resp.status = falcon.HTTP_204

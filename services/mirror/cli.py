@@ -11,11 +11,14 @@ from pathlib import Path
 from schemas.messages import MirrorAction, MirrorBuildV1
 from schemas.topology import MIRROR_BUILD
 from services.common.bus import Publisher, PublishError, policy_problem
+from services.common.data import schema
+from services.common.data.db import Database
+from services.common.data.mirror import MirrorData, Package
+from services.common.data.schema import SchemaMismatch
 from services.common.logs import setup_logging
 from services.common.rpm import RpmError
 from services.common.runner import CommandError
 from services.common.settings import ConfigError, MirrorConfig, load_settings, log_settings
-from services.common.store import Package, SchemaMismatch, Store
 from services.mirror.deadletters import MirrorDeadLetters
 from services.mirror.fetcher import Fetcher
 from services.mirror.http import serve
@@ -72,27 +75,28 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
     try:
         settings = load_settings(MirrorConfig)
         log_settings(settings, "retrace-mirror")
-        store = Store.from_url(settings.store_url)
-        store.check_revision()
+        db = Database.from_url(settings.store_url)
+        schema.check(db, schema.MIRROR)
+        data = MirrorData(db)
     except (ConfigError, SchemaMismatch) as exc:
         print(f"retrace-mirror: {exc}", file=sys.stderr)
         return 2
     if args.command == "import":
-        return _import(store, settings, args.files, args.release)
+        return _import(data, settings, args.files, args.release)
     if args.command == "reindex":
-        return _reindex(store, settings)
+        return _reindex(data, settings)
     if args.command == "worker":
         warn_policy(settings)
-        return _worker(store, settings)
+        return _worker(data, settings)
     if args.command == "listen":
         warn_policy(settings)
-        listen(settings, store, koji_for(settings))
+        listen(settings, data, koji_for(settings))
         return 0
     if args.command == "sync":
         return _sync(settings, args)
     if args.command == "prune":
-        return _prune(store, settings)
-    return serve(settings, store, args.bind, args.workers)
+        return _prune(data, settings)
+    return serve(settings, data, args.bind, args.workers)
 
 
 def warn_policy(settings: MirrorConfig) -> None:
@@ -102,12 +106,14 @@ def warn_policy(settings: MirrorConfig) -> None:
         log.warning("%s", problem)
 
 
-def _import(store: Store, settings: MirrorConfig, files: list[Path], release: str | None) -> int:
+def _import(
+    data: MirrorData, settings: MirrorConfig, files: list[Path], release: str | None
+) -> int:
     failed = 0
     touched: set[Path] = set()
     for path in files:
         try:
-            done = import_rpm(store, settings.repo, path, release)
+            done = import_rpm(data, settings.repo, path, release)
         except (RpmError, CommandError, ValueError, OSError) as exc:
             print(f"retrace-mirror: {path}: {exc}", file=sys.stderr)
             failed += 1
@@ -127,21 +133,21 @@ def _import(store: Store, settings: MirrorConfig, files: list[Path], release: st
     return 1 if failed else 0
 
 
-def _reindex(store: Store, settings: MirrorConfig) -> int:
+def _reindex(data: MirrorData, settings: MirrorConfig) -> int:
     def report(number: int, total: int, package: Package) -> None:
         print(f"[{number}/{total}] {package.nevra} ({package.os_release})", flush=True)
 
-    done = reindex(store, settings.repo, report)
-    left = store.reindex_backlog()
+    done = reindex(data, settings.repo, report)
+    left = data.reindex_backlog()
     print(f"re-indexed {done} packages; {left} left")
     return 1 if left else 0
 
 
-def _worker(store: Store, settings: MirrorConfig) -> int:
+def _worker(data: MirrorData, settings: MirrorConfig) -> int:
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     clean_incoming(settings.repo)
     fetcher = Fetcher(
-        store,
+        data,
         settings.repo,
         settings.mirror,
         koji_for(settings),
@@ -157,19 +163,19 @@ def _worker(store: Store, settings: MirrorConfig) -> int:
             MirrorHandler(
                 fetcher,
                 waits,
-                store,
+                data,
                 settings.mirror.download_attempts,
                 settings.broker.delivery_limit,
             ),
-            MirrorDeadLetters(store, koji_for(settings)),
+            MirrorDeadLetters(data, koji_for(settings)),
         )
     finally:
         publisher.close()
     return 0
 
 
-def _prune(store: Store, settings: MirrorConfig) -> int:
-    done = prune(store, settings.repo, settings.mirror)
+def _prune(data: MirrorData, settings: MirrorConfig) -> int:
+    done = prune(data, settings.repo, settings.mirror)
     print(f"pruned {done.packages} packages ({done.bytes} bytes)")
     return 0
 

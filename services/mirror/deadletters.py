@@ -19,7 +19,7 @@ from typing import Any
 
 from schemas.nvr import parse_nvr
 from services.common.bus import death_reason
-from services.common.store import KojiBuild, Store, SyncState
+from services.common.data.mirror import KojiBuild, MirrorData, SyncState
 from services.mirror.koji import KojiError, KojiHub, KojiUnavailable
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ def build_ref_of(body: bytes) -> int | str | None:
 class MirrorDeadLetters:
     """Records the build of one dead-lettered mirror command as failed."""
 
-    def __init__(self, store: Store, koji: KojiHub) -> None:
-        self._store = store
+    def __init__(self, data: MirrorData, koji: KojiHub) -> None:
+        self._data = data
         self._koji = koji
 
     def __call__(self, body: bytes, headers: dict[str, Any]) -> None:
@@ -78,7 +78,7 @@ class MirrorDeadLetters:
         if ref is None:
             log.error("dropping a dead-lettered mirror command that names no build: %s", reason)
             return
-        known = self._store.get_build(ref) if isinstance(ref, int) else self._store.find_build(ref)
+        known = self._data.get_build(ref) if isinstance(ref, int) else self._data.find_build(ref)
         if known is not None and known.state == SyncState.MIRRORED:
             # The files are in place from an earlier command; a later one dying changes nothing.
             log.warning(
@@ -95,7 +95,7 @@ class MirrorDeadLetters:
                 reason,
             )
             return
-        self._store.record_build(
+        self._data.record_build(
             known.id, known.nvr, known.os_release, FAILED, reason, known.completed_at
         )
         log.error("mirroring build %s (%d) failed: %s", known.nvr, known.id, reason)

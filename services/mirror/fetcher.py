@@ -25,10 +25,10 @@ import requests
 from schemas.messages import BuildSyncedV1, MirrorAction, MirrorBuildV1
 from schemas.topology import BUILD_SYNCED
 from services.common.bus import Publish
+from services.common.data.mirror import MirrorData, Nevra, Package, SyncState
 from services.common.rpm import os_release_of
 from services.common.runner import run
 from services.common.settings import MirrorSettings
-from services.common.store import Nevra, Package, Store, SyncState
 from services.mirror.importer import import_rpm
 from services.mirror.koji import BuildState, KojiBuildInfo, KojiHub, KojiRpm, KojiUnavailable
 from services.mirror.repo import link, relative_path, update_metadata
@@ -72,7 +72,7 @@ class Fetcher:
 
     def __init__(
         self,
-        store: Store,
+        data: MirrorData,
         repo: Path,
         settings: MirrorSettings,
         koji: KojiHub,
@@ -80,7 +80,7 @@ class Fetcher:
         http: requests.Session | None = None,
         gpg_keys: Sequence[Path] = (),
     ) -> None:
-        self._store = store
+        self._data = data
         self._repo = repo
         self._settings = settings
         self._koji = koji
@@ -96,7 +96,7 @@ class Fetcher:
 
         Raises :class:`KojiUnavailable`, :class:`NotSignedYet` or :class:`BadDownload`
         when trying again later may succeed; :class:`UnknownBuild`, :class:`KojiError`,
-        :class:`~services.common.store.PackageConflict` or
+        :class:`~services.common.data.mirror.PackageConflict` or
         :class:`~services.common.rpm.RpmError` when it never will.
         """
         build = self._koji.build(command.build)
@@ -108,10 +108,10 @@ class Fetcher:
 
     def _skip(self, build: KojiBuildInfo, release: str | None, reason: str) -> Synced:
         log.info("skipping build %s (%d): %s", build.nvr, build.id, reason)
-        known = self._store.get_build(build.id)
+        known = self._data.get_build(build.id)
         # A build once mirrored stays recorded as such: a later skip says nothing new.
         if known is None or known.state != SyncState.MIRRORED:
-            self._store.record_build(
+            self._data.record_build(
                 build.id, build.nvr, release, SyncState.SKIPPED, reason, build.completed_at
             )
         return Synced(build, SyncState.SKIPPED, reason)
@@ -158,7 +158,7 @@ class Fetcher:
             touched |= self._link_noarch(package, release) if rpm.arch == "noarch" else set()
             touched.add(rpm.arch)
         touched.discard("noarch")
-        known = self._store.get_build(build.id)
+        known = self._data.get_build(build.id)
         # An earlier attempt may have placed files and failed before the metadata: only a
         # build already recorded as mirrored, with nothing new, can skip createrepo_c.
         settled = new_files == 0 and known is not None and known.state == SyncState.MIRRORED
@@ -166,7 +166,7 @@ class Fetcher:
             folder = self._repo / release / arch
             if not settled or not (folder / "repodata" / "repomd.xml").exists():
                 update_metadata(folder, self._settings.createrepo_workers)
-        self._store.record_build(
+        self._data.record_build(
             build.id,
             build.nvr,
             release,
@@ -203,7 +203,7 @@ class Fetcher:
         self, build: KojiBuildInfo, rpm: KojiRpm, release: str, sigkeys: set[str]
     ) -> tuple[Package, bool]:
         nevra = Nevra(rpm.name, rpm.epoch or 0, rpm.version, rpm.release, rpm.arch)
-        have = self._store.find_package(nevra, release)
+        have = self._data.find_package(nevra, release)
         if have is not None and (self._repo / have.path).exists():
             return have, False
         # Koji writes signing keys in lower case, in its records and in its paths.
@@ -211,7 +211,7 @@ class Fetcher:
         url = self._koji.rpm_url(build, rpm, sigkey)
         staged = self._download(url, rpm, signed=sigkey is not None)
         try:
-            done = import_rpm(self._store, self._repo, staged, release)
+            done = import_rpm(self._data, self._repo, staged, release)
         finally:
             shutil.rmtree(staged.parent, ignore_errors=True)
         return done.package, True
@@ -317,11 +317,11 @@ class Fetcher:
             return Synced(
                 build, SyncState.SKIPPED, "mirror.delete_on_deleted is off: every version stays"
             )
-        known = self._store.get_build(build.id)
+        known = self._data.get_build(build.id)
         if known is None or known.os_release is None:
             return Synced(build, SyncState.SKIPPED, "the mirror never held it")
         release = known.os_release
-        removed = self._store.build_packages(build.id)
+        removed = self._data.build_packages(build.id)
         touched: set[str] = set()
         for package in removed:
             filename = Path(package.path).name
@@ -332,10 +332,10 @@ class Fetcher:
             else:
                 touched.add(package.nevra.arch)
             (self._repo / package.path).unlink(missing_ok=True)
-            self._store.remove_package(package.id)
+            self._data.remove_package(package.id)
         for arch in sorted(touched):
             update_metadata(self._repo / release / arch, self._settings.createrepo_workers)
-        self._store.record_build(build.id, build.nvr, release, SyncState.REMOVED, "deleted in Koji")
+        self._data.record_build(build.id, build.nvr, release, SyncState.REMOVED, "deleted in Koji")
         event = BuildSyncedV1(
             build_id=build.id,
             nvr=build.nvr,

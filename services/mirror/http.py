@@ -22,15 +22,16 @@ from importlib import metadata
 from pathlib import Path
 
 import falcon
-import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.core import Metric as Metric_
 from prometheus_client.registry import Collector
 
+from services.common.data import schema
+from services.common.data.db import Database
+from services.common.data.mirror import MirrorData
 from services.common.logs import setup_logging
 from services.common.settings import MirrorConfig, MirrorSettings, load_settings, log_settings
-from services.common.store import Store, koji_builds, packages
 from services.mirror.fetcher import Fetcher
 from services.mirror.koji import BuildState, KojiError, KojiHub, KojiUnavailable
 from services.mirror.worker import KojiHealth
@@ -115,28 +116,25 @@ def render_metrics(samples: list[tuple[str, dict[str, str], float]]) -> str:
 class MetricsResource:
     """``GET /metrics``."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, data: MirrorData) -> None:
+        self._data = data
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
-        with self._store.engine.connect() as conn:
-            count, size = conn.execute(
-                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(packages.c.size), 0))
-            ).one()
-            states = conn.execute(
-                sa.select(koji_builds.c.state, sa.func.count()).group_by(koji_builds.c.state)
-            ).all()
-            last = conn.execute(sa.select(sa.func.max(koji_builds.c.synced_at))).scalar()
+        counts = self._data.counts()
         samples: list[tuple[str, dict[str, str], float]] = [
-            ("retrace_mirror_packages", {}, float(count)),
-            ("retrace_mirror_package_bytes", {}, float(size)),
-            ("retrace_mirror_index_conflicts_total", {}, float(self._store.index_conflicts())),
-            ("retrace_mirror_packages_to_reindex", {}, float(self._store.reindex_backlog())),
+            ("retrace_mirror_packages", {}, float(counts.packages)),
+            ("retrace_mirror_package_bytes", {}, float(counts.package_bytes)),
+            ("retrace_mirror_index_conflicts_total", {}, float(counts.index_conflicts)),
+            ("retrace_mirror_packages_to_reindex", {}, float(counts.reindex_backlog)),
         ]
-        samples += [("retrace_mirror_builds", {"state": s}, float(n)) for s, n in states]
-        if last is not None:
-            samples.append(("retrace_mirror_last_sync_timestamp_seconds", {}, last.timestamp()))
-        answered, unreachable = KojiHealth(self._store).last()
+        samples += [
+            ("retrace_mirror_builds", {"state": s}, float(n)) for s, n in counts.builds.items()
+        ]
+        if counts.last_sync is not None:
+            samples.append(
+                ("retrace_mirror_last_sync_timestamp_seconds", {}, counts.last_sync.timestamp())
+            )
+        answered, unreachable = KojiHealth(self._data).last()
         if answered is not None or unreachable is not None:
             up = unreachable is None or (answered is not None and answered >= unreachable)
             samples.append(("retrace_mirror_koji_up", {}, float(up)))
@@ -158,14 +156,14 @@ class LbHeartbeat:
 class Heartbeat:
     """``GET /__heartbeat__``: the store and the repository answer (503 if one does not)."""
 
-    def __init__(self, store: Store, repo: Path) -> None:
-        self._store = store
+    def __init__(self, data: MirrorData, repo: Path) -> None:
+        self._data = data
         self._repo = repo
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
         checks: dict[str, str] = {}
         try:
-            self._store.check_revision()
+            schema.check(self._data.db, schema.MIRROR)
             checks["store"] = "ok"
         except Exception as exc:  # noqa: BLE001 -- any failure is the answer
             checks["store"] = f"failing: {exc}"
@@ -203,11 +201,13 @@ class KojiLookup:
     for the build will place it.
     """
 
-    def __init__(self, store: Store, repo: Path, settings: MirrorSettings, koji: KojiHub) -> None:
+    def __init__(
+        self, data: MirrorData, repo: Path, settings: MirrorSettings, koji: KojiHub
+    ) -> None:
         self._settings = settings
         self._koji = koji
         # Only its filters are used here: it never fetches or publishes from this app.
-        self._fetcher = Fetcher(store, repo, settings, koji, _never_publish)
+        self._fetcher = Fetcher(data, repo, settings, koji, _never_publish)
         # koji's ClientSession is not made for concurrent calls.
         self._lock = threading.Lock()
 
@@ -266,16 +266,16 @@ class KojiBuildResource:
 
 
 def create_app(
-    store: Store, repo: Path, koji: KojiLookup | None = None
+    data: MirrorData, repo: Path, koji: KojiLookup | None = None
 ) -> falcon.App[falcon.Request, falcon.Response]:
     """The mirror's WSGI application over the repository at ``repo``; with ``koji``,
     it answers ``GET /koji/builds/<nvr>`` too."""
     app: falcon.App[falcon.Request, falcon.Response] = falcon.App()
-    app.add_route("/metrics", MetricsResource(store))
+    app.add_route("/metrics", MetricsResource(data))
     if koji is not None:
         app.add_route("/koji/builds/{nvr}", KojiBuildResource(koji))
     app.add_route("/__lbheartbeat__", LbHeartbeat())
-    app.add_route("/__heartbeat__", Heartbeat(store, repo))
+    app.add_route("/__heartbeat__", Heartbeat(data, repo))
     app.add_route("/__version__", Version())
     repo.mkdir(parents=True, exist_ok=True)
     app.add_static_route("/", str(repo.resolve()))
@@ -287,18 +287,19 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     setup_logging()
     settings = load_settings(MirrorConfig)
     log_settings(settings, "retrace-mirror serve")
-    store = Store.from_url(settings.store_url)
-    store.check_revision()
+    db = Database.from_url(settings.store_url)
+    schema.check(db, schema.MIRROR)
+    data = MirrorData(db)
     mirror = settings.mirror
     hub = KojiHub(
         mirror.koji_hub, mirror.koji_topurl, min(mirror.koji_timeout, KOJI_LOOKUP_TIMEOUT)
     )
-    return create_app(store, settings.repo, KojiLookup(store, settings.repo, mirror, hub))
+    return create_app(data, settings.repo, KojiLookup(data, settings.repo, mirror, hub))
 
 
-def serve(settings: MirrorConfig, store: Store, bind: str, workers: int) -> int:
+def serve(settings: MirrorConfig, data: MirrorData, bind: str, workers: int) -> int:
     """Run the HTTP face under gunicorn (replaces this process)."""
-    del settings, store  # checked by the caller; each gunicorn worker builds its own
+    del settings, data  # checked by the caller; each gunicorn worker builds its own
     argv = [
         sys.executable,
         "-m",

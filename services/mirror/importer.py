@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.data.mirror import MirrorData, Nevra, Package, PackageConflict
 from services.common.rpm import RpmError, os_release_of
-from services.common.store import Nevra, Package, PackageConflict, Store
 from services.mirror.index import RpmIndex, index_rpm
 from services.mirror.repo import place, relative_path, sha256_of
 
@@ -24,7 +24,7 @@ class Imported:
     build_ids: int
 
 
-def import_rpm(store: Store, repo: Path, path: Path, os_release: str | None = None) -> Imported:
+def import_rpm(data: MirrorData, repo: Path, path: Path, os_release: str | None = None) -> Imported:
     """Place one RPM in the repository and record it with its build-ids.
 
     The OS release comes from ``os_release`` or else the package's dist tag;
@@ -41,7 +41,7 @@ def import_rpm(store: Store, repo: Path, path: Path, os_release: str | None = No
             "'.fc40'; name the OS release with --release"
         )
     nevra = Nevra(header.name, header.epoch, header.version, header.release, header.arch)
-    known = store.find_package(nevra, release)
+    known = data.find_package(nevra, release)
     if known is not None and known.sha256 != sha256:
         # Refused before the repository is touched: the file there stays the indexed one.
         raise PackageConflict(
@@ -52,7 +52,7 @@ def import_rpm(store: Store, repo: Path, path: Path, os_release: str | None = No
     final = repo / relative
     if not final.exists() or sha256_of(final) != sha256:
         place(path, repo, relative)
-    package, new = store.add_package(
+    package, new = data.add_package(
         nevra,
         release,
         relative,
@@ -85,14 +85,14 @@ def _read(path: Path, sha256: str | None) -> RpmIndex:
     return index
 
 
-def reindex(store: Store, repo: Path, report: Callable[[int, int, Package], None]) -> int:
+def reindex(data: MirrorData, repo: Path, report: Callable[[int, int, Package], None]) -> int:
     """Read the ELF files of every package indexed the old way; return how many were done.
 
     Idempotent and resumable: each package is re-indexed in one transaction that
     marks it done, so an interrupted run goes on where it stopped; a package whose
     file is missing or unreadable is logged and left for the next run.
     """
-    todo = store.packages_to_reindex()
+    todo = data.packages_to_reindex()
     done = 0
     for number, package in enumerate(todo, 1):
         report(number, len(todo), package)
@@ -101,7 +101,7 @@ def reindex(store: Store, repo: Path, report: Callable[[int, int, Package], None
         except (RpmError, OSError) as exc:
             log.error("%s: not re-indexed: %s", package.nevra, exc)
             continue
-        if store.reindex_package(
+        if data.reindex_package(
             package.id,
             index.entries,
             index.header.source_nvr,

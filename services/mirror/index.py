@@ -16,10 +16,10 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.data.mirror import BuildIdKind, IndexEntry, IndexSource
 from services.common.elf import ElfKind, scan
 from services.common.rpm import header_entries
 from services.common.rpmfile import RpmHeader, RpmReader
-from services.common.store import BuildIdKind, IndexEntry, IndexSource
 
 _KINDS = {
     ElfKind.BINARY: BuildIdKind.BINARY,

@@ -27,9 +27,9 @@ from koji_fedoramessaging_messages.build import BuildStateChangeV1
 from schemas.messages import MirrorAction, MirrorBuildV1
 from schemas.topology import MIRROR_BUILD
 from services.common.bus import Publisher, PublishError
+from services.common.data.mirror import MirrorData
 from services.common.rpm import os_release_of
 from services.common.settings import MirrorConfig
-from services.common.store import Store
 from services.mirror.koji import BuildState, KojiError, KojiHub, KojiUnavailable
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,9 @@ class BuildListener:
 class CatchUp:
     """Asks Koji for builds completed since the newest one seen, and sends them."""
 
-    def __init__(self, koji: KojiHub, store: Store, settings: MirrorConfig, send: Send) -> None:
+    def __init__(self, koji: KojiHub, data: MirrorData, settings: MirrorConfig, send: Send) -> None:
         self._koji = koji
-        self._store = store
+        self._data = data
         self._mirror = settings.mirror
         self._send = send
 
@@ -171,9 +171,9 @@ class CatchUp:
         The first run of a new mirror only starts the clock: history is backfilled
         on purpose, with ``retrace-mirror sync --since``.
         """
-        cursor = self._store.get_cursor(CURSOR)
+        cursor = self._data.get_cursor(CURSOR)
         if cursor is None:
-            self._store.set_cursor(CURSOR, datetime.now(UTC))
+            self._data.set_cursor(CURSOR, datetime.now(UTC))
             log.info("catch-up starts from now; backfill with 'retrace-mirror sync --since'")
             return 0
         builds = self._koji.completed_since(cursor)
@@ -184,7 +184,7 @@ class CatchUp:
                 sent += 1
             if build.completed_at is not None and build.completed_at > cursor:
                 cursor = build.completed_at
-                self._store.set_cursor(CURSOR, cursor)
+                self._data.set_cursor(CURSOR, cursor)
         log.info("catch-up: %d builds completed since the last seen, %d sent", len(builds), sent)
         return sent
 
@@ -198,7 +198,7 @@ class CatchUp:
             stop.wait(interval)
 
 
-def listen(settings: MirrorConfig, store: Store, koji: KojiHub) -> None:
+def listen(settings: MirrorConfig, data: MirrorData, koji: KojiHub) -> None:
     """Run the listener and its catch-up until the process is stopped."""
     publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
     lock = threading.Lock()
@@ -208,7 +208,7 @@ def listen(settings: MirrorConfig, store: Store, koji: KojiHub) -> None:
             publisher.publish(MIRROR_BUILD, command)
 
     stop = threading.Event()
-    catch_up = CatchUp(koji, store, settings, send)
+    catch_up = CatchUp(koji, data, settings, send)
     thread = threading.Thread(
         target=catch_up.run_forever,
         args=(settings.mirror.catch_up_interval, stop),

@@ -12,8 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.data.mirror import MirrorData, Package
 from services.common.settings import MirrorSettings
-from services.common.store import Package, Store
 from services.mirror.repo import relative_path, update_metadata
 
 log = logging.getLogger(__name__)
@@ -30,26 +30,26 @@ class Pruned:
     releases: tuple[str, ...]
 
 
-def prune(store: Store, repo: Path, settings: MirrorSettings) -> Pruned:
+def prune(data: MirrorData, repo: Path, settings: MirrorSettings) -> Pruned:
     """Apply the retention settings to the repository and the index."""
     removed = 0
     freed = 0
     for release in settings.eol_releases:
-        for package in store.all_packages(release):
-            store.remove_package(package.id)
+        for package in data.all_packages(release):
+            data.remove_package(package.id)
             removed += 1
             freed += package.size
         shutil.rmtree(repo / release, ignore_errors=True)
         log.info("dropped end-of-life release %s", release)
     if settings.max_size_gib:
         cap = int(settings.max_size_gib * GIB)
-        everything = store.all_packages()
+        everything = data.all_packages()
         total = sum(p.size for p in everything)
         touched: set[tuple[str, str]] = set()
         for package in everything:  # oldest import first
             if total <= cap:
                 break
-            touched |= _remove(store, repo, settings, package)
+            touched |= _remove(data, repo, settings, package)
             total -= package.size
             removed += 1
             freed += package.size
@@ -60,7 +60,7 @@ def prune(store: Store, repo: Path, settings: MirrorSettings) -> Pruned:
 
 
 def _remove(
-    store: Store, repo: Path, settings: MirrorSettings, package: Package
+    data: MirrorData, repo: Path, settings: MirrorSettings, package: Package
 ) -> set[tuple[str, str]]:
     release, arch = package.os_release, package.nevra.arch
     filename = Path(package.path).name
@@ -68,5 +68,5 @@ def _remove(
     for each in arches:
         (repo / relative_path(release, each, filename)).unlink(missing_ok=True)
     (repo / package.path).unlink(missing_ok=True)
-    store.remove_package(package.id)
+    data.remove_package(package.id)
     return {(release, each) for each in arches}

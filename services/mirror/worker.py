@@ -6,7 +6,7 @@ Each failure of a command is sorted into one of four kinds:
   the command is acked and re-published to a wait queue
   (``retrace.mirror.build.wait.<n>s``, a longer one each time, the longest from then
   on), after whose time the broker dead-letters it back to the mirror queue.  It is
-  retried for as long as the outage lasts, never dead-lettered; the store keeps when
+  retried for as long as the outage lasts, never dead-lettered; the data keeps when
   the worker last reached Koji and last failed to (:class:`KojiHealth`), which the
   mirror's ``/metrics`` shows.
 - **A bad download** (not an RPM, such as an error page answered with 200; cut short;
@@ -47,8 +47,8 @@ from services.common.bus import (
     connect,
     declare_wait_queue,
 )
+from services.common.data.mirror import MirrorData, PackageConflict
 from services.common.rpm import RpmError
-from services.common.store import PackageConflict, Store
 from services.mirror.deadletters import REASON_HEADER
 from services.mirror.fetcher import BadDownload, Fetcher, NotSignedYet, UnknownBuild
 from services.mirror.koji import KojiError, KojiUnavailable
@@ -64,26 +64,26 @@ DELIVERY_COUNT = "x-delivery-count"
 
 
 class KojiHealth:
-    """When the worker last reached Koji and last found it unreachable, kept in the store
+    """When the worker last reached Koji and last found it unreachable, kept in the data
     (``mirror_cursors``) so that the ``serve`` process's ``/metrics`` can show it."""
 
     ANSWERED = "koji-answered"
     UNREACHABLE = "koji-unreachable"
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, data: MirrorData) -> None:
+        self._data = data
 
     def answered(self) -> None:
         """Koji answered (whatever it said)."""
-        self._store.set_cursor(self.ANSWERED, datetime.now(UTC))
+        self._data.set_cursor(self.ANSWERED, datetime.now(UTC))
 
     def unreachable(self) -> None:
         """Koji could not be reached, or failed on its side."""
-        self._store.set_cursor(self.UNREACHABLE, datetime.now(UTC))
+        self._data.set_cursor(self.UNREACHABLE, datetime.now(UTC))
 
     def last(self) -> tuple[datetime | None, datetime | None]:
         """When Koji last answered, and when it last could not be reached."""
-        return self._store.get_cursor(self.ANSWERED), self._store.get_cursor(self.UNREACHABLE)
+        return self._data.get_cursor(self.ANSWERED), self._data.get_cursor(self.UNREACHABLE)
 
 
 def wait_queue(seconds: int) -> str:
@@ -127,13 +127,13 @@ class MirrorHandler:
         self,
         fetcher: Fetcher,
         waits: WaitQueues,
-        store: Store,
+        data: MirrorData,
         download_attempts: int,
         delivery_limit: int,
     ) -> None:
         self._fetcher = fetcher
         self._waits = waits
-        self._koji = KojiHealth(store)
+        self._koji = KojiHealth(data)
         self._download_attempts = download_attempts
         self._delivery_limit = delivery_limit
 

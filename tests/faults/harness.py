@@ -26,7 +26,9 @@ import sqlalchemy as sa
 from schemas.messages import TaskFinishedV1, parse
 from schemas.topology import EXCHANGE, TASK_FINISHED
 from services.common.bus import connect
-from services.common.store import Store, TaskStatus, aware, uploads
+from services.common.data.db import aware
+from services.common.data.intake import TaskStatus, uploads
+from tests.data import Data
 from tests.integration.stack import Stack, pack_problem_dir
 
 SPY = "retrace.faults.spy"
@@ -84,7 +86,7 @@ class Campaign:
         self.submitted: list[Submitted] = []
         self.statuses: Counter[int] = Counter()
         self._lock = threading.Lock()
-        self.store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
+        self.store = Data.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
         connection = connect(stack.broker_url)
         try:
             channel = connection.channel()
@@ -155,7 +157,7 @@ class Campaign:
         pending = {s.task_id for s in self.submitted}
         while pending and time.time() < deadline:
             for task_id in list(pending):
-                task = self.store.get_task(task_id)
+                task = self.store.intake.get_task(task_id)
                 if task is not None and task.status.final:
                     pending.discard(task_id)
             time.sleep(0.5)
@@ -170,7 +172,7 @@ class Campaign:
         finished = [
             aware(task.finished_at).timestamp()
             for s in self.submitted
-            if (task := self.store.get_task(s.task_id)) is not None and task.finished_at
+            if (task := self.store.intake.get_task(s.task_id)) is not None and task.finished_at
         ]
         after = [moment for moment in finished if moment >= fault_ended]
         verdict.recovery = min(after) - fault_ended if after else None
@@ -191,7 +193,7 @@ class Campaign:
             for folder in spool.iterdir() if spool.is_dir() else []:
                 if folder.name.startswith(".") or folder.name == "lost+found":
                     continue
-                if self.store.get_task(folder.name) is None:
+                if self.store.intake.get_task(folder.name) is None:
                     found.append(f"spool folder {folder.name} of no task")
             work = self.stack.home / "var" / "cache" / "analyzer" / "work"
             for folder in work.iterdir() if work.is_dir() else []:
@@ -202,7 +204,7 @@ class Campaign:
             time.sleep(1)
 
     def _succeeded(self, submitted: Submitted) -> bool:
-        task = self.store.get_task(submitted.task_id)
+        task = self.store.intake.get_task(submitted.task_id)
         if task is None or task.status != TaskStatus.SUCCESS:
             return False
         status, _, body = self.stack.request(

@@ -202,7 +202,7 @@ def bad_downloads(stack: Stack, campaign: Campaign, scale: int) -> float:
     store = campaign.store
     with campaign.streaming(6 * scale, parallel=2, pause=0.5):
         deadline = time.monotonic() + 180
-        while not store.find_packages(CRASHED, "fedora-40") and time.monotonic() < deadline:
+        while not store.mirror.find_packages(CRASHED, "fedora-40") and time.monotonic() < deadline:
             time.sleep(0.5)
         return time.time()
 

@@ -14,7 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.store import KojiBuild, Store
+from services.common.data.mirror import KojiBuild
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 
 BIN = Path(sys.executable).parent
@@ -190,12 +191,12 @@ def wait_gone(path: Path, timeout: float = 10) -> None:
 
 
 def wait_build(
-    stack: Stack, store: Store, build_id: int, state: str, timeout: float = 60
+    stack: Stack, store: Data, build_id: int, state: str, timeout: float = 60
 ) -> KojiBuild:
     """Wait until the mirror records Koji build ``build_id`` in ``state``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        known = store.get_build(build_id)
+        known = store.mirror.get_build(build_id)
         if known is not None and known.state == state:
             return known
         time.sleep(0.2)

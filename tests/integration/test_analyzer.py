@@ -20,8 +20,9 @@ import pytest
 from schemas.messages import AnalyzeTaskV1, TaskType
 from schemas.topology import ANALYZE
 from services.common.bus import Publisher
+from services.common.data.intake import TaskStatus
 from services.common.runner import run
-from services.common.store import Store, TaskStatus
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import BIN, Stack, pack_problem_dir, start_stack, wait_gone
 from tests.integration.test_end_to_end import XZ, submit
@@ -39,7 +40,7 @@ class Analyzer:
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
+        self.store = Data.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
         self.spool = stack.home / "var" / "spool"
 
     def inject(
@@ -53,9 +54,9 @@ class Analyzer:
     ) -> str:
         crash = self.spool / task_id / "crash"
         shutil.copytree(problem_dir, crash)
-        self.store.create_task(task_id, "not-a-password", arch, task_type, "queued")
+        self.store.intake.create_task(task_id, "not-a-password", arch, task_type, "queued")
         if queued:
-            assert self.store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+            assert self.store.intake.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
         publisher = Publisher(self.stack.broker_url)
         command = AnalyzeTaskV1(task_id=task_id, arch=arch, task_type=task_type)
         try:
@@ -67,7 +68,7 @@ class Analyzer:
     def wait(self, task_id: str, timeout: float = 120) -> TaskStatus:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            task = self.store.get_task(task_id)
+            task = self.store.intake.get_task(task_id)
             assert task is not None
             if task.status.final:
                 return task.status
@@ -76,7 +77,7 @@ class Analyzer:
 
     def result(self, task_id: str, name: str) -> str:
         """A result file of the task, from the folder its row names."""
-        task = self.store.get_task(task_id)
+        task = self.store.intake.get_task(task_id)
         assert task is not None
         assert task.results is not None, task
         return (self.spool / task_id / task.results / name).read_text()

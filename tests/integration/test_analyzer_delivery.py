@@ -26,7 +26,8 @@ from schemas.topology import ANALYZE, EXCHANGE, TASK_FINISHED
 from services.analyzer.worker import FAULT, retry_progress
 from services.common import progress
 from services.common.bus import Publisher, connect, properties_for
-from services.common.store import Store, TaskStatus
+from services.common.data.intake import TaskStatus
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack, pack_problem_dir
 from tests.integration.test_analyzer import Analyzer
@@ -112,14 +113,14 @@ def test_a_poison_command_is_dead_lettered_and_its_task_failed(
 ) -> None:
     # Its crash directory is gone: every attempt fails, the command returns each time.
     task_id = "poison-command"
-    analyzer.store.create_task(task_id, "x", "x86_64", "retrace", progress.QUEUED)
-    assert analyzer.store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+    analyzer.store.intake.create_task(task_id, "x", "x86_64", "retrace", progress.QUEUED)
+    assert analyzer.store.intake.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
     (analyzer.spool / task_id).mkdir(parents=True)
     publisher = Publisher(stack.broker_url)
     publisher.publish(ANALYZE, AnalyzeTaskV1(task_id=task_id, arch="x86_64"), "x86_64")
     publisher.close()
     assert analyzer.wait(task_id, timeout=60) == TaskStatus.FAILURE
-    task = analyzer.store.get_task(task_id)
+    task = analyzer.store.intake.get_task(task_id)
     assert task is not None
     assert task.reason is not None
     assert "delivery_limit on retrace.analyze.x86_64" in task.reason
@@ -132,8 +133,8 @@ def test_a_malformed_command_is_dead_lettered_at_once(
     stack: SlowStack, analyzer: Analyzer, events: Events
 ) -> None:
     task_id = "malformed-command"
-    analyzer.store.create_task(task_id, "x", "x86_64", "retrace", progress.QUEUED)
-    assert analyzer.store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+    analyzer.store.intake.create_task(task_id, "x", "x86_64", "retrace", progress.QUEUED)
+    assert analyzer.store.intake.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
     connection = connect(stack.broker_url)
     channel = connection.channel()
     body = b'{"task_id": "malformed-command", "arch": 86, "task_type": "no such type"}'
@@ -150,7 +151,7 @@ def test_a_task_whose_analyzer_is_killed_is_finished_by_another_once(
 ) -> None:
     task_id = analyzer.inject(crash_fixtures.crash.problem_dir, "killed-analyzer")
     deadline = time.monotonic() + 60
-    while (task := analyzer.store.get_task(task_id)) and task.progress != progress.BACKTRACE:
+    while (task := analyzer.store.intake.get_task(task_id)) and task.progress != progress.BACKTRACE:
         assert time.monotonic() < deadline, stack.logs()
         time.sleep(0.1)
     (victim,) = [p for p in stack.processes if p.pid in analyzers(stack)]
@@ -175,7 +176,7 @@ def test_a_command_delivered_twice_while_running_gives_one_result(
     assert analyzer.wait(task_id, timeout=90) == TaskStatus.SUCCESS
     time.sleep(5)  # the second attempt ends meanwhile, and must change nothing
     assert events.drain()[task_id] == 1
-    task = analyzer.store.get_task(task_id)
+    task = analyzer.store.intake.get_task(task_id)
     assert task is not None
     assert task.status == TaskStatus.SUCCESS
     # One result folder, the one the row names: the losing attempt's is gone.
@@ -244,7 +245,7 @@ def test_a_crash_between_results_and_state_ends_finished_once_with_its_files(
     auth = {"X-Task-Password": headers["X-Task-Password"]}
     assert doomed.wait(timeout=90) == 70, stack.logs()
     task_dir = analyzer.spool / task_id
-    task = analyzer.store.get_task(task_id)
+    task = analyzer.store.intake.get_task(task_id)
     assert task is not None
     assert (task.status, task.results) == (TaskStatus.RUNNING, None)
     [written] = result_folders(task_dir)  # complete on disk, named by no row
@@ -265,7 +266,7 @@ def test_a_crash_between_results_and_state_ends_finished_once_with_its_files(
     status, _, log = stack.request("GET", f"/{task_id}/log", headers=auth)
     assert status == 200
     assert "Retrace finished successfully." in log.decode()
-    task = analyzer.store.get_task(task_id)
+    task = analyzer.store.intake.get_task(task_id)
     assert task is not None
     assert task.results not in (None, written)
     assert result_folders(task_dir) == [task.results]  # the crashed attempt's is gone
@@ -290,7 +291,7 @@ def test_a_killed_analyzers_work_folder_goes_at_the_next_start_a_live_ones_stays
     victim = start_analyzer(stack, "analyzer-victim")
     task_id = analyzer.inject(crash_fixtures.crash.problem_dir, "work-folder-left")
     deadline = time.monotonic() + 60
-    while (task := analyzer.store.get_task(task_id)) and task.progress != progress.BACKTRACE:
+    while (task := analyzer.store.intake.get_task(task_id)) and task.progress != progress.BACKTRACE:
         assert time.monotonic() < deadline, stack.logs()
         time.sleep(0.1)
     work = stack.home / "var" / "cache" / "analyzer" / "work"
@@ -373,11 +374,11 @@ def test_a_spool_too_full_for_the_results_leaves_the_task_to_be_retried(
         "retrace-mirror", "import", *[str(r.path) for r in crash_fixtures.rpms]
     )
     assert imported.returncode == 0, imported.stderr
-    store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
+    store = Data.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
     task_id = "spool-full"
     shutil.copytree(crash_fixtures.crash.problem_dir, small_spool / task_id / "crash")
-    store.create_task(task_id, "digest", "x86_64", "retrace", progress.QUEUED)
-    assert store.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+    store.intake.create_task(task_id, "digest", "x86_64", "retrace", progress.QUEUED)
+    assert store.intake.move_task(task_id, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
     ballast = fill(small_spool)
     stack.start("retrace-analyzer", "run")
     try:
@@ -389,14 +390,14 @@ def test_a_spool_too_full_for_the_results_leaves_the_task_to_be_retried(
         while stack.logs().count(waiting) < 2:  # retried, and full again
             assert time.monotonic() < deadline, stack.logs()
             time.sleep(0.2)
-        task = store.get_task(task_id)
+        task = store.intake.get_task(task_id)
         assert task is not None
         assert not task.status.final
         assert task.progress in (retry_progress(1), progress.ANALYZE)
         assert result_folders(small_spool / task_id) == []
         ballast.unlink()
         deadline = time.monotonic() + 60
-        while not (task := store.get_task(task_id)) or not task.status.final:
+        while not (task := store.intake.get_task(task_id)) or not task.status.final:
             assert time.monotonic() < deadline, stack.logs()
             time.sleep(0.2)
         assert task.status == TaskStatus.SUCCESS, stack.logs()

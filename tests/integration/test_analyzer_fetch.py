@@ -19,7 +19,7 @@ import pytest
 from schemas.messages import MirrorBuildV1, TaskFinishedV1, parse
 from schemas.topology import EXCHANGE, MIRROR_BUILD, TASK_FINISHED
 from services.common.bus import connect
-from services.common.store import TaskStatus
+from services.common.data.intake import TaskStatus
 from tests.fixtures.build import Fixtures
 from tests.integration.koji_hub import KojiStandIn
 from tests.integration.stack import Stack
@@ -157,11 +157,11 @@ def test_a_build_the_mirror_never_gets_is_given_up_after_the_configured_requests
     task_id = analyzer.inject(problem, "never-fetched")
 
     def waiting() -> bool:
-        task = analyzer.store.get_task(task_id)
+        task = analyzer.store.intake.get_task(task_id)
         return task is not None and "waiting for the mirror to fetch" in task.progress
 
     wait_for(waiting, "the waiting progress line", stack)
-    task = analyzer.store.get_task(task_id)
+    task = analyzer.store.intake.get_task(task_id)
     assert task is not None
     assert task.status == TaskStatus.QUEUED
     assert task.progress.startswith(

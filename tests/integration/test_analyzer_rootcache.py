@@ -16,7 +16,7 @@ import pytest
 
 from services.analyzer.rootcache import RootCache, UnpackedPackage
 from services.analyzer.unpack import PayloadError
-from services.common.store import Nevra, Package
+from services.common.data.mirror import Nevra, Package
 from tests.fixtures.build import Fixtures, RpmPackage
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ UNPACK_IN_ANOTHER_PROCESS = """
 import json, sys
 from pathlib import Path
 from services.analyzer.rootcache import RootCache
-from services.common.store import Nevra, Package
+from services.common.data.mirror import Nevra, Package
 cache_dir, repo, fields = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 fields["nevra"] = Nevra(**fields["nevra"])
 print(RootCache(Path(cache_dir), Path(repo)).unpacked(Package(**fields))[1])

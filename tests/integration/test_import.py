@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from services.common.data.mirror import BuildIdKind
 from services.common.settings import MirrorConfig, load_settings
-from services.common.store import BuildIdKind, Store
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack
 
@@ -26,8 +27,8 @@ def home(tmp_path: Path) -> Stack:
     return stack
 
 
-def store_of(stack: Stack) -> Store:
-    return Store.from_url(load_settings(MirrorConfig, stack.env).store_url)
+def store_of(stack: Stack) -> Data:
+    return Data.from_url(load_settings(MirrorConfig, stack.env).store_url)
 
 
 def test_import_places_packages_by_release_and_arch_and_indexes_build_ids(
@@ -42,7 +43,7 @@ def test_import_places_packages_by_release_and_arch_and_indexes_build_ids(
     assert (repo / crasher.filename).read_bytes() == crasher.path.read_bytes()
 
     exe = next(m for m in crash_fixtures.crash.modules if m.path == "/usr/bin/crasher")
-    hits = store_of(home).find_build_ids([exe.build_id])
+    hits = store_of(home).mirror.find_build_ids([exe.build_id])
     by_kind = {h.kind: h for h in hits}
     assert sorted(by_kind) == [BuildIdKind.BINARY, BuildIdKind.DEBUG]
     assert by_kind[BuildIdKind.BINARY].package.nevra.name == "crasher"
@@ -53,7 +54,7 @@ def test_import_places_packages_by_release_and_arch_and_indexes_build_ids(
     again = home.command("retrace-mirror", "import", str(crasher.path))
     assert again.returncode == 0, again.stderr
     assert "already mirrored: crasher-1.0-1.fc40.x86_64" in again.stdout
-    assert len(store_of(home).find_packages("crasher", "fedora-40")) == 1
+    assert len(store_of(home).mirror.find_packages("crasher", "fedora-40")) == 1
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,9 @@ def test_services_refuse_to_start_on_an_unmigrated_database(
     stack.write_settings()
     done = stack.command(*argv)
     assert done.returncode == 2
-    assert "run 'retrace-admin migrate'" in done.stderr
+    service = argv[0].removeprefix("retrace-")
+    # Its own branch is named, with the command that brings just that one up.
+    assert f"run 'retrace-admin migrate --service {service}'" in done.stderr
 
 
 def test_another_file_under_a_mirrored_nevra_is_refused_and_the_repo_keeps_the_indexed_one(

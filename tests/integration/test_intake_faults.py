@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from services.common.store import Store, uploads
+from services.common.data.intake import uploads
+from tests.data import Data
 from tests.integration.test_intake_http import XZ, Intake, settle, start_intake
 from tests.unit.test_intake import elf_header, task_dirs
 from tests.unit.test_intake_upload import Member, tar_bytes
@@ -66,7 +67,7 @@ def wait_for(what: Callable[[], object], timeout: float, why: Callable[[], str])
 
 
 def upload_rows(store_url: str) -> list[sa.Row[object]]:
-    store = Store.from_url(store_url)
+    store = Data.from_url(store_url)
     try:
         with store.engine.connect() as conn:
             return list(conn.execute(uploads.select()).all())

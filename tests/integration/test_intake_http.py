@@ -24,8 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.topology import ANALYZE
 from services.common.bus import connect
-from services.common.store import Store, TaskStatus, tasks, uploads
+from services.common.data.intake import TaskStatus, tasks, uploads
 from tests.conftest import STORE_KINDS
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack, free_port
 from tests.integration.test_abrt_client import ARCHIVED, client_archive
@@ -113,7 +114,7 @@ def queued_messages(broker_url: str) -> int:
 
 def settle(intake: Intake, store_url: str) -> None:
     """Wait until the intake has finished with every upload, then check it left nothing."""
-    store = Store.from_url(store_url)
+    store = Data.from_url(store_url)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -364,7 +365,7 @@ def test_cleanup_command_expires_finished_tasks_and_requeues_stuck_ones(
 ) -> None:
     store_url = f"sqlite:///{tmp_path}/retrace.sqlite3"
     intake = start_intake(tmp_path, make_broker_url(), store_url)
-    store = Store.from_url(store_url)
+    store = Data.from_url(store_url)
     try:
         body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=2)
         created = [
@@ -388,9 +389,9 @@ def test_cleanup_command_expires_finished_tasks_and_requeues_stuck_ones(
         assert done.returncode == 0, done.stderr
         assert "expired 1" in done.stdout
         assert "republished 1" in done.stdout
-        assert store.get_task(finished) is None
+        assert store.intake.get_task(finished) is None
         assert not (intake.spool / finished).exists()
-        requeued = store.get_task(stuck)
+        requeued = store.intake.get_task(stuck)
         assert requeued is not None
         assert requeued.status == TaskStatus.QUEUED
         # Both uploads' commands and the republished one are in the queue.
@@ -456,7 +457,7 @@ def test_two_workers_write_the_store_safely_at_once(
         "--workers",
         "2",
     )
-    store = Store.from_url(store_url)
+    store = Data.from_url(store_url)
     body = lzma.compress(tar_bytes(files(real_crash(crash_fixtures))), preset=2)
 
     def upload() -> tuple[int, str, str]:

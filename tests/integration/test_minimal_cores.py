@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from client.minicore import Options, minimize, read_note
-from services.common.store import TaskStatus
+from services.common.data.intake import TaskStatus
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack, start_stack
 from tests.integration.test_analyzer import Analyzer

@@ -20,8 +20,9 @@ import pytest
 from schemas.messages import MirrorBuildV1
 from schemas.topology import EXCHANGE, MIRROR_BUILD
 from services.common.bus import connect, properties_for
-from services.common.store import KojiBuild, Store
+from services.common.data.mirror import KojiBuild
 from services.mirror.http import create_app
+from tests.data import Data
 from tests.integration.koji_hub import KojiStandIn, build_rpms
 from tests.integration.stack import Stack, wait_build
 
@@ -34,7 +35,7 @@ class Worker:
     def __init__(self, stack: Stack, koji: KojiStandIn) -> None:
         self.stack = stack
         self.koji = koji
-        self.store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
+        self.store = Data.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
         self.started = 0
         self.process = self.start()
 
@@ -113,7 +114,7 @@ def test_a_command_that_keeps_killing_the_worker_fails_its_build(worker: Worker)
     assert rpms[0].name not in worker.koji.downloads  # never fetched whole, never placed
     assert worker.process.poll() is None, worker.stack.logs()
     # The mirror's /metrics shows it to whoever watches the mirror.
-    app = create_app(worker.store, worker.stack.home / "var" / "repo")
+    app = create_app(worker.store.mirror, worker.stack.home / "var" / "repo")
     metrics = falcon.testing.TestClient(app).simulate_get("/metrics").text
     assert 'retrace_mirror_builds{state="failed"} 1' in metrics
 
@@ -172,7 +173,7 @@ def test_the_worker_and_the_intake_warn_when_the_broker_lacks_the_policy(
 
 def metrics_of(worker: Worker) -> str:
     """The mirror's ``/metrics``, as ``retrace-mirror serve`` answers it."""
-    app = create_app(worker.store, worker.stack.home / "var" / "repo")
+    app = create_app(worker.store.mirror, worker.stack.home / "var" / "repo")
     return str(falcon.testing.TestClient(app).simulate_get("/metrics").text)
 
 
@@ -242,7 +243,7 @@ def test_koji_unreachable_is_waited_out_never_dead_lettered_and_shown(worker: Wo
         metrics = metrics_of(worker)
         assert "retrace_mirror_koji_up 0" in metrics
         assert "retrace_mirror_koji_last_failure_timestamp_seconds 1" in metrics
-        assert worker.store.find_build("outage-1.0-1.fc40") is None
+        assert worker.store.mirror.find_build("outage-1.0-1.fc40") is None
     finally:
         worker.koji.down = False
     worker.wait_build(OUTAGE, "mirrored")

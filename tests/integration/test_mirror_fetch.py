@@ -13,10 +13,10 @@ from schemas.messages import Message, MirrorAction, MirrorBuildV1
 from schemas.topology import Route
 from services.common.runner import run
 from services.common.settings import MirrorSettings
-from services.common.store import Store
 from services.mirror.fetcher import BadDownload, Fetcher, NotSignedYet, UnknownBuild
 from services.mirror.koji import KojiHub, KojiUnavailable
 from services.mirror.retention import prune
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 from tests.integration.koji_hub import KojiStandIn, build_rpms
 from tests.integration.stack import free_port
@@ -57,13 +57,13 @@ class Events:
 
 def make_fetcher(
     home: Path, koji: KojiStandIn, gpg_keys: tuple[Path, ...] = (), **settings: object
-) -> tuple[Fetcher, Store, Events, Path]:
-    store = Store.from_url(f"sqlite:///{home}/retrace.sqlite3")
+) -> tuple[Fetcher, Data, Events, Path]:
+    store = Data.from_url(f"sqlite:///{home}/retrace.sqlite3")
     store.migrate()
     repo = home / "repo"
     events = Events()
     fetcher = Fetcher(
-        store,
+        store.mirror,
         repo,
         MirrorSettings(**settings),  # type: ignore[arg-type]
         KojiHub(koji.hub_url, koji.top_url, timeout=10),
@@ -116,7 +116,7 @@ def test_a_build_is_mirrored_with_its_debuginfo_metadata_and_build_ids(
             assert (packages / rpm.filename).read_bytes() == rpm.path.read_bytes()
     assert (repo / "fedora-40" / "x86_64" / "repodata" / "repomd.xml").exists()
     crasher = next(m for m in crash_fixtures.crash.modules if m.path == "/usr/bin/crasher")
-    hits = store.find_build_ids([crasher.build_id])
+    hits = store.mirror.find_build_ids([crasher.build_id])
     assert {h.package.nevra.name for h in hits} == {"crasher", "crasher-debuginfo"}
     (event,) = events.sent
     assert event.model_dump()["build_id"] == CRASHER
@@ -127,12 +127,12 @@ def test_a_build_is_mirrored_with_its_debuginfo_metadata_and_build_ids(
 def test_the_same_build_twice_adds_nothing(tmp_path: Path, koji: KojiStandIn) -> None:
     fetcher, store, _events, repo = make_fetcher(tmp_path, koji)
     fetcher.handle(MirrorBuildV1(build=CRASHER))
-    before = (repo_files(repo), len(store.all_packages()))
+    before = (repo_files(repo), len(store.mirror.all_packages()))
     downloads = len(koji.downloads)
     again = fetcher.handle(MirrorBuildV1(build=CRASHER))
     assert again.event is not None
     assert again.event.new_files == 0
-    assert (repo_files(repo), len(store.all_packages())) == before
+    assert (repo_files(repo), len(store.mirror.all_packages())) == before
     assert len(koji.downloads) == downloads
 
 
@@ -185,7 +185,7 @@ def test_noarch_packages_are_stored_once_and_linked_per_arch(
         assert linked.samefile(stored)
         assert (repo / "fedora-40" / arch / "repodata" / "repomd.xml").exists()
     assert stored.stat().st_nlink == 3
-    assert len(store.all_packages()) == 3
+    assert len(store.mirror.all_packages()) == 3
 
 
 def test_a_build_on_a_koji_volume_is_fetched_from_that_volume(
@@ -206,7 +206,7 @@ def test_a_non_rpm_build_is_skipped_with_a_reason(
     assert "not an RPM build (types: image)" in caplog.text
     assert events.sent == []
     assert repo_files(repo) == []
-    known = store.get_build(IMAGE)
+    known = store.mirror.get_build(IMAGE)
     assert known is not None
     assert known.state == "skipped"
 
@@ -226,10 +226,10 @@ def test_an_unknown_build_can_never_succeed(tmp_path: Path, koji: KojiStandIn) -
         fetcher.handle(MirrorBuildV1(build=999999))
 
 
-def assert_nothing_placed(repo: Path, store: Store, name: str) -> None:
+def assert_nothing_placed(repo: Path, store: Data, name: str) -> None:
     assert not any(p.name == name for p in repo.rglob("*.rpm"))
     assert not list((repo / ".incoming").iterdir())
-    assert name.removesuffix(".rpm") not in {str(p.nevra) for p in store.all_packages()}
+    assert name.removesuffix(".rpm") not in {str(p.nevra) for p in store.mirror.all_packages()}
 
 
 def test_one_flipped_byte_is_a_bad_download_never_placed_and_fetched_again(
@@ -290,12 +290,12 @@ def test_a_deleted_build_is_removed_only_where_configured(
     keep, store, _events, repo = make_fetcher(tmp_path, koji)
     keep.handle(MirrorBuildV1(build=NOARCH))
     assert keep.handle(MirrorBuildV1(build=NOARCH, action=MirrorAction.REMOVE)).action == "skipped"
-    assert len(store.all_packages()) == 3
+    assert len(store.mirror.all_packages()) == 3
 
     drop, store, events, repo = make_fetcher(tmp_path, koji, delete_on_deleted=True)
     done = drop.handle(MirrorBuildV1(build=NOARCH, action=MirrorAction.REMOVE))
     assert done.action == "removed"
-    assert store.all_packages() == []
+    assert store.mirror.all_packages() == []
     assert list(repo.rglob("*.rpm")) == []
     assert repoquery(repo / "fedora-40" / "x86_64", "noarchy*") == []
     assert events.sent[-1].model_dump()["action"] == "remove"
@@ -320,19 +320,19 @@ def test_retention_keeps_everything_by_default_and_applies_eol_and_size_cap(
     fetcher, store, _events, repo = make_fetcher(tmp_path, koji)
     for build in (NOARCH, ARCHIVED):
         fetcher.handle(MirrorBuildV1(build=build))
-    assert prune(store, repo, MirrorSettings()).packages == 0
-    assert len(store.all_packages()) == 5
+    assert prune(store.mirror, repo, MirrorSettings()).packages == 0
+    assert len(store.mirror.all_packages()) == 5
 
     # A cap just under the total drops the oldest import first (a noarch one, with its links).
-    total = sum(p.size for p in store.all_packages())
-    oldest = store.all_packages()[0]
+    total = sum(p.size for p in store.mirror.all_packages())
+    oldest = store.mirror.all_packages()[0]
     capped = MirrorSettings(max_size_gib=(total - 1) / (1 << 30))
-    assert prune(store, repo, capped).packages == 1
-    assert oldest.id not in {p.id for p in store.all_packages()}
+    assert prune(store.mirror, repo, capped).packages == 1
+    assert oldest.id not in {p.id for p in store.mirror.all_packages()}
     assert not list(repo.rglob(Path(oldest.path).name))
 
-    assert prune(store, repo, MirrorSettings(eol_releases=("fedora-40",))).packages == 4
-    assert store.all_packages() == []
+    assert prune(store.mirror, repo, MirrorSettings(eol_releases=("fedora-40",))).packages == 4
+    assert store.mirror.all_packages() == []
     assert not (repo / "fedora-40").exists()
 
 
@@ -341,7 +341,7 @@ def test_a_configured_koji_tag_names_the_release(tmp_path: Path, koji: KojiStand
     fetcher, store, _events, repo = make_fetcher(tmp_path, koji, tag_releases={"epel9": "epel-9"})
     assert fetcher.handle(MirrorBuildV1(build=110)).action == "mirrored"
     assert (repo / "epel-9/noarch/Packages/epelpkg-1.0-1.el9.noarch.rpm").exists()
-    assert [p.os_release for p in store.all_packages()] == ["epel-9"]
+    assert [p.os_release for p in store.mirror.all_packages()] == ["epel-9"]
     # Without the map there is no dist tag to go by: skipped, with the reason.
     plain, _store, _events, _repo = make_fetcher(tmp_path / "plain", koji)
     done = plain.handle(MirrorBuildV1(build=110))

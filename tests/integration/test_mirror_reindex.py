@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 
+from services.common.data import schema
+from services.common.data.mirror import BuildIdKind
 from services.common.rpm import header_entries, os_release_of
 from services.common.rpmfile import read_header
 from services.common.settings import MirrorConfig, load_settings
-from services.common.store import BuildIdKind, Store, _alembic_config
 from services.mirror.repo import place, relative_path, sha256_of
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 from tests.integration.stack import Stack
 
@@ -22,10 +23,10 @@ OLD_HEAD = "0300"
 PACKAGES = ("oddities", "oddities-debuginfo", "crasher", "crasher-debuginfo")
 
 
-def index_the_old_way(store: Store, repo: Path, rpms: list[Path]) -> None:
-    """What the importer before migration 0400 left: rows of the old schema, links only."""
+def index_the_old_way(store: Data, repo: Path, rpms: list[Path]) -> None:
+    """What the importer before legacy migration 0400 left: rows of the old schema, links only."""
     with store.engine.begin() as conn:
-        command.upgrade(_alembic_config(conn), OLD_HEAD)
+        schema.LEGACY.upgrade(conn, OLD_HEAD)
     with store.engine.begin() as conn:
         for path in rpms:
             header = read_header(path)
@@ -68,7 +69,7 @@ def test_reindex_reads_the_elf_files_of_an_old_index_resumably_and_idempotently(
     home = Stack(tmp_path / "home", "amqp://guest:guest@127.0.0.1:5672/")
     home.write_settings()
     settings = load_settings(MirrorConfig, home.env)
-    store = Store.from_url(settings.store_url)
+    store = Data.from_url(settings.store_url)
     rpms = [crash_fixtures.rpm(name).path for name in PACKAGES]
     index_the_old_way(store, settings.repo, rpms)
     migrated = home.command("retrace-admin", "migrate")
@@ -76,11 +77,11 @@ def test_reindex_reads_the_elf_files_of_an_old_index_resumably_and_idempotently(
     odd = next(c for c in crash_fixtures.extra_crashes if c.name == "assert-abort")
     odd_id = build_id_in(odd.problem_dir / "coredump", odd.executable)
     # The old index cannot place the oddities: their package has no .build-id links.
-    assert store.find_build_ids([odd_id]) == []
-    assert store.reindex_backlog() == len(PACKAGES)
+    assert store.mirror.find_build_ids([odd_id]) == []
+    assert store.mirror.reindex_backlog() == len(PACKAGES)
 
     # A package whose file is missing is left for the next run; the others are done.
-    oddities = store.find_packages("oddities", "fedora-40")[0]
+    oddities = store.mirror.find_packages("oddities", "fedora-40")[0]
     kept = tmp_path / "kept.rpm"
     (settings.repo / oddities.path).rename(kept)
     first = home.command("retrace-mirror", "reindex")
@@ -95,7 +96,7 @@ def test_reindex_reads_the_elf_files_of_an_old_index_resumably_and_idempotently(
     assert "[1/1] oddities-1.0-1.fc40.x86_64" in second.stdout
     assert "re-indexed 1 packages; 0 left" in second.stdout
 
-    hits = {(h.kind, h.package.nevra.name, h.path) for h in store.find_build_ids([odd_id])}
+    hits = {(h.kind, h.package.nevra.name, h.path) for h in store.mirror.find_build_ids([odd_id])}
     assert hits == {
         (BuildIdKind.BINARY, "oddities", odd.executable),
         (
@@ -104,7 +105,7 @@ def test_reindex_reads_the_elf_files_of_an_old_index_resumably_and_idempotently(
             f"/usr/lib/debug{odd.executable}-1.0-1.fc40.x86_64.debug",
         ),
     }
-    builds = {p.nevra.name: p.source_nvr for p in store.all_packages()}
+    builds = {p.nevra.name: p.source_nvr for p in store.mirror.all_packages()}
     assert builds == dict.fromkeys(PACKAGES[:2], "oddities-1.0-1.fc40") | dict.fromkeys(
         PACKAGES[2:], "crasher-1.0-1.fc40"
     )

@@ -16,7 +16,8 @@ import pytest
 from koji_fedoramessaging_messages.build import BuildStateChangeV1
 
 from services.common.bus import connect
-from services.common.store import KojiBuild, Store
+from services.common.data.mirror import KojiBuild
+from tests.data import Data
 from tests.fixtures.build import Fixtures
 from tests.integration.broker import close_connections, connections_of
 from tests.integration.koji_hub import KojiStandIn, build_rpms
@@ -35,7 +36,7 @@ class Mirror:
         self.stack = stack
         self.koji = koji
         self.koji_broker = koji_broker
-        self.store = Store.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
+        self.store = Data.from_url(f"sqlite:///{stack.home}/var/retrace.sqlite3")
         self.listener = stack.start("retrace-mirror", "listen", log_name="mirror-listen")
         self.worker = stack.start("retrace-mirror", "worker", log_name="mirror-worker")
 
@@ -134,7 +135,7 @@ def test_only_a_completed_build_is_mirrored(mirror: Mirror) -> None:
     mirror.announce(IGNORED, new=4)  # CANCELED
     mirror.announce(DROPPED, new=1)
     mirror.wait_build(DROPPED, "mirrored")
-    assert mirror.store.get_build(IGNORED) is None
+    assert mirror.store.mirror.get_build(IGNORED) is None
     logs = mirror.stack.logs()
     assert "its new state is BUILDING" in logs
     assert "a change of 'owner', not of the state" in logs
@@ -150,7 +151,9 @@ def test_a_deleted_build_is_removed_where_configured(mirror: Mirror) -> None:
     mirror.announce(DROPPED, new=2, old=1)
     mirror.wait_build(DROPPED, "removed")
     assert not list(repo.rglob("dropped-*.rpm"))
-    assert [p for p in mirror.store.all_packages() if p.nevra.name.startswith("dropped")] == []
+    assert [
+        p for p in mirror.store.mirror.all_packages() if p.nevra.name.startswith("dropped")
+    ] == []
 
 
 def test_koji_down_then_up_is_retried_with_backoff(mirror: Mirror) -> None:

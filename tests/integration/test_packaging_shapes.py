@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from services.common.store import TaskStatus
+from services.common.data.intake import TaskStatus
 from tests.fixtures.build import ExpectedFrame, ExtraCrash, Fixtures, elf_symbols, unpack_rpm
 from tests.integration.stack import Stack, pack_problem_dir, start_stack
 from tests.integration.test_analyzer import Analyzer
@@ -85,7 +85,7 @@ def finish(analyzer: Analyzer, task_id: str, timeout: float = 180) -> tuple[Task
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        task = analyzer.store.get_task(task_id)
+        task = analyzer.store.intake.get_task(task_id)
         assert task is not None
         seen.add(task.progress)
         if task.status.final:
@@ -193,7 +193,7 @@ def test_every_packaging_shape_is_retraced_in_full(
         # The build is mirrored, only no package bears its name: nothing to wait for.
         assert "could not be fetched" not in log
         assert not [text for text in progress if WAITING in text], progress
-        assert analyzer.store.task_fetch(task_id) is None
+        assert analyzer.store.analyzer.task_fetch(task_id) is None
     if name == "minidebuginfo":
         assert not any(rpm.name.startswith("minidebug-debug") for rpm in crash_fixtures.rpms)
         unpack_rpm(crash_fixtures.rpm("minidebug").path, tmp_path)

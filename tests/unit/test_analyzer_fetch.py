@@ -13,8 +13,9 @@ from schemas.messages import AnalyzeTaskV1, Message, MirrorBuildV1
 from schemas.topology import ANALYZE_WAIT, MIRROR_BUILD, Route, WaitRoute
 from services.analyzer.fetch import Fetches
 from services.common.bus import Delivery
+from services.common.data.intake import TaskStatus
 from services.common.settings import AnalyzerSettings
-from services.common.store import Store, TaskStatus
+from tests.data import Data
 
 NVR = "crasher-1.0-2.fc40"
 
@@ -34,10 +35,10 @@ class Bus:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
+def store(tmp_path: Path) -> Iterator[Data]:
+    store = Data.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
     store.migrate()
-    store.create_task("waiting-1", "digest", "x86_64", "retrace", "queued")
+    store.intake.create_task("waiting-1", "digest", "x86_64", "retrace", "queued")
     yield store
     store.engine.dispose()
 
@@ -47,12 +48,12 @@ def copy(attempt: int, token: str, *, redelivered: bool = False) -> Delivery:
     return Delivery(command, redelivered, {}, token)
 
 
-def test_only_the_first_copy_of_the_last_wait_runs_a_parked_task(store: Store) -> None:
+def test_only_the_first_copy_of_the_last_wait_runs_a_parked_task(store: Data) -> None:
     bus = Bus()
     settings = AnalyzerSettings(fetch_wait_seconds=30, fetch_attempts=2)
-    fetches = Fetches(settings, store, bus.publish, bus.later)
+    fetches = Fetches(settings, store.analyzer, bus.publish, bus.later)
     assert fetches.admit(copy(0, "intake"))
-    assert store.move_task("waiting-1", [TaskStatus.SUBMITTING], TaskStatus.RUNNING)
+    assert store.intake.move_task("waiting-1", [TaskStatus.SUBMITTING], TaskStatus.RUNNING)
 
     fetches.park(AnalyzeTaskV1(task_id="waiting-1", arch="x86_64"), NVR)
     [request] = bus.requests

@@ -21,9 +21,10 @@ from services.analyzer.deadletters import DeadLetterHandler
 from services.analyzer.rootcache import RootCache
 from services.analyzer.worker import MAX_LEASE_WAITS, AnalyzeHandler
 from services.common.bus import Delivery
+from services.common.data.intake import TaskStatus
 from services.common.settings import AnalyzerSettings
 from services.common.spool import Spool
-from services.common.store import Store, TaskStatus
+from tests.data import Data
 
 TASK = "lease-task-01"
 OTHER = "other-host:4242"
@@ -44,18 +45,18 @@ class Bus:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
+def store(tmp_path: Path) -> Iterator[Data]:
+    store = Data.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
     store.migrate()
-    store.create_task(TASK, "digest", "x86_64", "retrace", "queued")
+    store.intake.create_task(TASK, "digest", "x86_64", "retrace", "queued")
     yield store
     store.engine.dispose()
 
 
-def held(store: Store, age: float, owner: str = OTHER) -> None:
+def held(store: Data, age: float, owner: str = OTHER) -> None:
     """The task running on ``owner``, whose lease was last renewed ``age`` seconds ago."""
     when = datetime.now(UTC) - timedelta(seconds=age)
-    assert store.move_task(
+    assert store.intake.move_task(
         TASK, [TaskStatus.SUBMITTING], TaskStatus.RUNNING, lease_owner=owner, lease_at=when
     )
 
@@ -64,17 +65,17 @@ def command(waits: int = 0) -> AnalyzeTaskV1:
     return AnalyzeTaskV1(task_id=TASK, arch="x86_64", lease_waits=waits)
 
 
-def dead_letters(tmp_path: Path, store: Store, bus: Bus) -> DeadLetterHandler:
-    return DeadLetterHandler(store, Spool(tmp_path / "spool"), bus.publish, bus.later, 30)
+def dead_letters(tmp_path: Path, store: Data, bus: Bus) -> DeadLetterHandler:
+    return DeadLetterHandler(store.intake, Spool(tmp_path / "spool"), bus.publish, bus.later, 30)
 
 
 def test_a_command_given_up_on_after_lost_connections_waits_for_the_live_analyzer(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Data
 ) -> None:
     held(store, age=5)
     bus = Bus()
     dead_letters(tmp_path, store, bus)(command().model_dump_json().encode(), DEAD_LETTERED)
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.status == TaskStatus.RUNNING  # not failed
     assert [(s, m.lease_waits) for s, m in bus.parked] == [(30, 1)]  # type: ignore[attr-defined]
@@ -85,12 +86,12 @@ def test_a_command_given_up_on_after_lost_connections_waits_for_the_live_analyze
     ("age", "waits"), [(120, 0), (5, MAX_LEASE_WAITS)], ids=["lease-expired", "waited-enough"]
 )
 def test_a_command_whose_analyzers_died_or_failed_fails_its_task(
-    tmp_path: Path, store: Store, age: float, waits: int
+    tmp_path: Path, store: Data, age: float, waits: int
 ) -> None:
     held(store, age=age)
     bus = Bus()
     dead_letters(tmp_path, store, bus)(command(waits).model_dump_json().encode(), DEAD_LETTERED)
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.status == TaskStatus.FAILURE
     assert bus.parked == []
@@ -98,7 +99,7 @@ def test_a_command_whose_analyzers_died_or_failed_fails_its_task(
 
 
 def test_a_redelivered_command_waits_while_another_live_analyzer_holds_its_task(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Data
 ) -> None:
     held(store, age=5)
     bus = Bus()
@@ -106,7 +107,9 @@ def test_a_redelivered_command_waits_while_another_live_analyzer_holds_its_task(
     spool.crash_dir(TASK).mkdir(parents=True)
     handler = AnalyzeHandler(
         AnalyzerSettings(lease_seconds=30),
-        store,
+        store.intake,
+        store.analyzer,
+        store.mirror,
         spool,
         RootCache(tmp_path / "cache", tmp_path / "repo"),
         bus.publish,
@@ -114,22 +117,22 @@ def test_a_redelivered_command_waits_while_another_live_analyzer_holds_its_task(
         bus.later,
     )
     handler(Delivery(command(), True, {}, "message-1"))
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert (task.status, task.lease_owner) == (TaskStatus.RUNNING, OTHER)  # left alone
     assert [(s, m.lease_waits) for s, m in bus.parked] == [(30, 1)]  # type: ignore[attr-defined]
 
 
-def test_a_lease_is_renewed_only_by_its_owner_and_given_up_at_the_end(store: Store) -> None:
+def test_a_lease_is_renewed_only_by_its_owner_and_given_up_at_the_end(store: Data) -> None:
     held(store, age=25)
-    assert not store.renew_lease(TASK, "someone-else:1")
-    assert store.renew_lease(TASK, OTHER)
-    task = store.get_task(TASK)
+    assert not store.intake.renew_lease(TASK, "someone-else:1")
+    assert store.intake.renew_lease(TASK, OTHER)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.lease_at is not None
     assert task.held_by_other("me:1", datetime.now(UTC) - timedelta(seconds=2))
     assert not task.held_by_other(OTHER, datetime.now(UTC) - timedelta(seconds=2))
-    store.release_lease(TASK, OTHER)
-    task = store.get_task(TASK)
+    store.intake.release_lease(TASK, OTHER)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert (task.lease_owner, task.lease_at) == (None, None)

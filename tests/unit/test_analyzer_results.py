@@ -24,9 +24,10 @@ from services.analyzer.retrace import Job, RetraceFailure
 from services.analyzer.rootcache import RootCache, WorkFolders
 from services.analyzer.worker import AnalyzeHandler, retry_progress
 from services.common.bus import Delivery
+from services.common.data.intake import TaskStatus
 from services.common.settings import AnalyzerSettings
 from services.common.spool import LOG, Spool
-from services.common.store import Store, TaskStatus
+from tests.data import Data
 
 TASK = "results-task-1"
 
@@ -61,11 +62,11 @@ class FullSpool(Spool):
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
+def store(tmp_path: Path) -> Iterator[Data]:
+    store = Data.from_url(f"sqlite:///{tmp_path}/retrace.sqlite3")
     store.migrate()
-    store.create_task(TASK, "digest", "x86_64", "retrace", "queued")
-    assert store.move_task(TASK, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
+    store.intake.create_task(TASK, "digest", "x86_64", "retrace", "queued")
+    assert store.intake.move_task(TASK, [TaskStatus.SUBMITTING], TaskStatus.QUEUED)
     yield store
     store.engine.dispose()
 
@@ -79,11 +80,13 @@ def failing_retrace(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(worker, "retrace", retrace)
 
 
-def handler_for(tmp_path: Path, store: Store, spool: Spool, bus: Bus) -> AnalyzeHandler:
+def handler_for(tmp_path: Path, store: Data, spool: Spool, bus: Bus) -> AnalyzeHandler:
     (spool.crash_dir(TASK)).mkdir(parents=True, exist_ok=True)
     return AnalyzeHandler(
         AnalyzerSettings(results_retry_seconds=7),
-        store,
+        store.intake,
+        store.analyzer,
+        store.mirror,
         spool,
         RootCache(tmp_path / "cache", tmp_path / "repo"),
         bus.publish,
@@ -101,7 +104,7 @@ def result_folders(spool: Spool) -> list[str]:
 
 
 def test_results_are_synced_to_disk_before_the_update_names_their_folder(
-    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store: Data, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spool = Spool(tmp_path / "spool")
     bus = Bus()
@@ -110,7 +113,7 @@ def test_results_are_synced_to_disk_before_the_update_names_their_folder(
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        task = store.get_task(TASK)
+        task = store.intake.get_task(TASK)
         assert task is not None
         assert task.status == TaskStatus.RUNNING  # not finished before its files are synced
         synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
@@ -118,7 +121,7 @@ def test_results_are_synced_to_disk_before_the_update_names_their_folder(
 
     monkeypatch.setattr(os, "fsync", fsync)
     handler(delivery())
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.status == TaskStatus.FAILURE
     assert task.results is not None
@@ -130,7 +133,7 @@ def test_results_are_synced_to_disk_before_the_update_names_their_folder(
 
 
 def test_a_superseded_attempts_results_are_removed_by_the_one_that_finishes(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Data
 ) -> None:
     spool = Spool(tmp_path / "spool")
     handler = handler_for(tmp_path, store, spool, Bus())
@@ -139,7 +142,7 @@ def test_a_superseded_attempts_results_are_removed_by_the_one_that_finishes(
     crashed = spool.write_results(TASK, {LOG: "half a story"})
     (spool.task_dir(TASK) / "results").mkdir()
     handler(delivery())
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.results not in (None, crashed)
     assert result_folders(spool) == [task.results]
@@ -147,13 +150,13 @@ def test_a_superseded_attempts_results_are_removed_by_the_one_that_finishes(
 
 
 def test_an_attempt_that_loses_the_update_removes_only_its_own_folder(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Data
 ) -> None:
     spool = Spool(tmp_path / "spool")
     bus = Bus()
     handler = handler_for(tmp_path, store, spool, bus)
     handler(delivery())
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     # A late duplicate finds the task final: it claims nothing, writes nothing.
     handler(delivery())
@@ -163,13 +166,13 @@ def test_an_attempt_that_loses_the_update_removes_only_its_own_folder(
 
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 def test_a_spool_too_full_for_the_results_retries_the_task_later(
-    tmp_path: Path, store: Store, error: int
+    tmp_path: Path, store: Data, error: int
 ) -> None:
     spool = FullSpool(tmp_path / "spool", error)
     bus = Bus()
     handler = handler_for(tmp_path, store, spool, bus)
     handler(delivery())  # returns: the command is acked, its retry parked
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.status == TaskStatus.QUEUED
     assert task.progress == retry_progress(7)
@@ -181,7 +184,7 @@ def test_a_spool_too_full_for_the_results_retries_the_task_later(
     assert result_folders(spool) == []
     # The retry's copy comes back from the wait queue: now the disk takes the results.
     handler(Delivery(retry, False, {}, "message-2"))
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.status == TaskStatus.FAILURE  # the retrace's own outcome
     assert result_folders(spool) == [task.results]
@@ -189,35 +192,35 @@ def test_a_spool_too_full_for_the_results_retries_the_task_later(
 
 
 def test_another_write_error_is_raised_for_the_broker_to_requeue(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Data
 ) -> None:
     spool = FullSpool(tmp_path / "spool", errno.EIO)
     bus = Bus()
     handler = handler_for(tmp_path, store, spool, bus)
     with pytest.raises(OSError, match="Input/output error"):
         handler(delivery())
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.status == TaskStatus.RUNNING  # its redelivery takes it over
     assert bus.parked == []
 
 
 def test_the_retry_of_a_task_that_waited_for_its_build_may_run_it(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Data
 ) -> None:
     spool = FullSpool(tmp_path / "spool", errno.ENOSPC)
     bus = Bus()
     handler = handler_for(tmp_path, store, spool, bus)
     # The task once waited for its build, and the copy "woken" ran it.
-    assert store.move_task(TASK, [TaskStatus.QUEUED], TaskStatus.RUNNING)
-    assert store.park_task(TASK, "crasher-1.0-2.fc40", 1, "waiting")
-    assert store.wake_task(TASK, 1, "woken")
+    assert store.intake.move_task(TASK, [TaskStatus.QUEUED], TaskStatus.RUNNING)
+    assert store.analyzer.park_task(TASK, "crasher-1.0-2.fc40", 1, "waiting")
+    assert store.analyzer.wake_task(TASK, 1, "woken")
     handler(
         Delivery(AnalyzeTaskV1(task_id=TASK, arch="x86_64", fetch_attempt=1), False, {}, "woken")
     )
     [(_, retry)] = bus.parked
     handler(Delivery(retry, False, {}, "the-retry"))
-    task = store.get_task(TASK)
+    task = store.intake.get_task(TASK)
     assert task is not None
     assert task.status == TaskStatus.FAILURE
 

@@ -10,7 +10,7 @@ from services.analyzer.coredump import Module
 from services.analyzer.packages import Resolution, Served
 from services.analyzer.rootcache import UnpackedPackage, _Layout
 from services.analyzer.unpack import DIR, FILE, LINK, Entry
-from services.common.store import Nevra, Package
+from services.common.data.mirror import Nevra, Package
 
 
 def cached(folder: Path, entries: list[Entry], data: dict[str, str]) -> UnpackedPackage:

@@ -20,12 +20,13 @@ import pytest
 from schemas.messages import AnalyzeTaskV1, Message
 from schemas.topology import ANALYZE, Route
 from services.common.bus import PublishError
+from services.common.data.intake import TaskStatus, tasks
 from services.common.settings import IntakeConfig, load_settings
 from services.common.spool import Spool
-from services.common.store import Store, TaskStatus, tasks
 from services.intake.app import create_app, new_task_id
 from services.intake.create import disk_free
 from services.intake.upload import FreeSpace
+from tests.data import Data
 
 XZ = "application/x-xz-compressed-tar"
 
@@ -80,7 +81,7 @@ class RecordingPublisher:
 @dataclass
 class Intake:
     client: falcon.testing.TestClient
-    store: Store
+    store: Data
     spool: Spool
     publisher: RecordingPublisher
     settings: IntakeConfig
@@ -97,18 +98,20 @@ MakeIntake = Callable[..., Intake]
 @pytest.fixture
 def make_intake(tmp_path: Path, store_url: str) -> Iterator[MakeIntake]:
     """Builds the intake on a fresh store; keyword arguments are ``[intake]`` settings."""
-    stores: list[Store] = []
+    stores: list[Data] = []
 
     def make(free_space: FreeSpace = disk_free, **intake: object) -> Intake:
         env = {"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url}
         env.update({f"RETRACE_INTAKE__{k.upper()}": json.dumps(v) for k, v in intake.items()})
         settings = load_settings(IntakeConfig, env)
-        store = Store.from_url(settings.store_url)
+        store = Data.from_url(settings.store_url)
         store.migrate()
         stores.append(store)
         spool = Spool(settings.spool)
         publisher = RecordingPublisher()
-        app = create_app(settings, store, spool, publisher, free_space=free_space)
+        app = create_app(
+            settings, store.intake, store.mirror, spool, publisher, free_space=free_space
+        )
         return Intake(falcon.testing.TestClient(app), store, spool, publisher, settings)
 
     yield make
@@ -127,7 +130,7 @@ def test_an_upload_is_unpacked_recorded_and_queued(intake: Intake) -> None:
     task_id = answer.headers["X-Task-Id"]
     assert len(answer.headers["X-Task-Password"]) == 32
     assert (intake.spool.crash_dir(task_id) / "executable").read_text() == "/usr/bin/crasher"
-    task = intake.store.get_task(task_id)
+    task = intake.store.intake.get_task(task_id)
     assert task is not None
     assert task.status == TaskStatus.QUEUED
     assert task.password_digest != answer.headers["X-Task-Password"]

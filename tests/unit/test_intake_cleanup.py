@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 
 from schemas.messages import AnalyzeTaskV1, TaskType
-from services.common.store import TaskStatus, tasks
+from services.common.data.intake import TaskStatus, tasks
 from services.intake.cleanup import Cleanup
 from tests.unit.test_intake import (
     XZ,
@@ -29,7 +29,7 @@ from tests.unit.test_intake import (
 
 
 def cleanup(intake: Intake) -> Cleanup:
-    return Cleanup(intake.settings.intake, intake.store, intake.spool, intake.publisher)
+    return Cleanup(intake.settings.intake, intake.store.intake, intake.spool, intake.publisher)
 
 
 def create(intake: Intake, task_type: str = "0") -> str:
@@ -43,8 +43,8 @@ def create(intake: Intake, task_type: str = "0") -> str:
 
 
 def finish(intake: Intake, task_id: str, status: TaskStatus, hours_ago: float) -> None:
-    assert intake.store.move_task(task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING)
-    assert intake.store.move_task(task_id, [TaskStatus.RUNNING], status)
+    assert intake.store.intake.move_task(task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING)
+    assert intake.store.intake.move_task(task_id, [TaskStatus.RUNNING], status)
     age(intake, task_id, finished_at=datetime.now(UTC) - timedelta(hours=hours_ago))
 
 
@@ -66,10 +66,10 @@ def test_finished_tasks_expire_after_their_own_hours(make_intake: MakeIntake) ->
     report = cleanup(intake).run()
     assert sorted(report.expired) == sorted([old_success, old_failure])
     for gone in (old_success, old_failure):
-        assert intake.store.get_task(gone) is None
+        assert intake.store.intake.get_task(gone) is None
         assert not intake.spool.task_dir(gone).exists()
     for kept in (new_success, new_failure, pending):
-        assert intake.store.get_task(kept) is not None
+        assert intake.store.intake.get_task(kept) is not None
         assert intake.spool.task_dir(kept).exists()
 
 
@@ -80,7 +80,7 @@ def test_a_debug_tasks_core_is_kept_for_its_own_hours(make_intake: MakeIntake) -
     report = cleanup(intake).run()
     assert report.debug_cores_removed == [debug]
     assert not intake.spool.crash_dir(debug).exists()
-    assert intake.store.get_task(debug) is not None
+    assert intake.store.intake.get_task(debug) is not None
 
 
 def test_a_task_stuck_in_submitting_is_published_again_or_removed(
@@ -105,11 +105,11 @@ def test_a_task_stuck_in_submitting_is_published_again_or_removed(
         submitted_at=message.submitted_at,  # type: ignore[attr-defined]
     )
     assert arch == "x86_64"
-    task = intake.store.get_task(stuck)
+    task = intake.store.intake.get_task(stuck)
     assert task is not None
     assert task.status == TaskStatus.QUEUED
-    assert intake.store.get_task(lost) is None
-    young_task = intake.store.get_task(young)
+    assert intake.store.intake.get_task(lost) is None
+    young_task = intake.store.intake.get_task(young)
     assert young_task is not None
     assert young_task.status == TaskStatus.SUBMITTING
 
@@ -125,7 +125,7 @@ def test_a_stuck_task_stays_when_the_broker_is_still_down(make_intake: MakeIntak
     )
     intake.publisher.fail = True
     assert cleanup(intake).run().republished == []
-    task = intake.store.get_task(stuck)
+    task = intake.store.intake.get_task(stuck)
     assert task is not None
     assert task.status == TaskStatus.SUBMITTING
 

@@ -22,12 +22,13 @@ import pytest
 import sqlalchemy as sa
 from typing_extensions import Buffer
 
+from services.common.data.intake import tasks, uploads
 from services.common.settings import IntakeConfig, load_settings
 from services.common.spool import Spool
-from services.common.store import Store, tasks, uploads
 from services.intake.app import create_app
 from services.intake.leases import Leases
 from services.intake.upload import Opener, open_new
+from tests.data import Data
 from tests.unit.test_intake import XZ, RecordingPublisher, elf_header, task_dirs
 from tests.unit.test_intake_upload import tar_bytes, xz
 
@@ -49,20 +50,21 @@ class QuotaFile(io.FileIO):
 
 @pytest.fixture
 def build(tmp_path: Path, store_url: str) -> Iterator[Callable[..., App]]:
-    stores: list[Store] = []
+    stores: list[Data] = []
 
     def make(opener: Opener | None = None, **intake: object) -> App:
         env = {"RETRACE_HOME": str(tmp_path), "RETRACE_STORE__URL": store_url}
         env.update({f"RETRACE_INTAKE__{k.upper()}": json.dumps(v) for k, v in intake.items()})
         settings = load_settings(IntakeConfig, env)
-        store = Store.from_url(settings.store_url)
+        store = Data.from_url(settings.store_url)
         store.migrate()
         stores.append(store)
         spool = Spool(settings.spool)
         publisher = RecordingPublisher()
         app = create_app(
             settings,
-            store,
+            store.intake,
+            store.mirror,
             spool,
             publisher,
             free_space=lambda _: 1 << 40,
@@ -79,7 +81,7 @@ class App:
     def __init__(
         self,
         client: falcon.testing.TestClient,
-        store: Store,
+        store: Data,
         spool: Spool,
         publisher: RecordingPublisher,
     ) -> None:
@@ -162,8 +164,8 @@ def test_an_expired_lease_lets_a_dead_workers_upload_go_and_a_live_ones_stay(
     build: Callable[..., App],
 ) -> None:
     app = build()
-    dead = Leases(app.store, app.spool, holder=("host-a", 101))
-    live = Leases(app.store, app.spool, holder=("host-b", 202))
+    dead = Leases(app.store.intake, app.spool, holder=("host-a", 101))
+    live = Leases(app.store.intake, app.spool, holder=("host-b", 202))
     since = datetime.now(UTC) - timedelta(hours=1)
     for leases, upload, folder in ((dead, "up-dead", "taskdead"), (live, "up-live", "tasklive")):
         assert leases.begin(upload, "192.0.2.1", folder, since) >= 1
@@ -171,7 +173,7 @@ def test_an_expired_lease_lets_a_dead_workers_upload_go_and_a_live_ones_stay(
     # A third upload whose worker died after recording its task: the task keeps its folder.
     assert dead.begin("up-recorded", "192.0.2.2", "taskrecorded", since) == 1
     app.spool.create("taskrecorded")
-    app.store.create_task("taskrecorded", "0" * 64, "x86_64", "retrace", "queued")
+    app.store.intake.create_task("taskrecorded", "0" * 64, "x86_64", "retrace", "queued")
     # host-a stopped renewing a minute ago; host-b renews and sweeps.
     with app.store.engine.begin() as conn:
         conn.execute(

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import falcon.testing
 import sqlalchemy as sa
 
-from services.common.store import tasks
+from services.common.data.intake import tasks
 from services.intake import passwords
 from tests.unit.test_intake import (
     Intake,

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import falcon.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.store import Nevra, Store, TaskStatus
+from services.common.data.intake import TaskStatus
+from services.common.data.mirror import Nevra
 from services.intake.catalog import RateLimiter
 from services.intake.metrics import Metrics
+from tests.data import Data
 from tests.unit.test_intake import (
     XZ,
     Intake,
@@ -31,11 +33,11 @@ from tests.unit.test_intake import (
 
 
 def mirror(
-    store: Store, name: str, release: str, arch: str, os_release: str, source: str | None = None
+    store: Data, name: str, release: str, arch: str, os_release: str, source: str | None = None
 ) -> None:
     nevra = Nevra(name, 0, "1.0", release, arch)
     digest = str(nevra).ljust(64, "0")[:64]
-    store.add_package(nevra, os_release, f"p/{nevra}.rpm", digest, 1, [], source_nvr=source)
+    store.mirror.add_package(nevra, os_release, f"p/{nevra}.rpm", digest, 1, [], source_nvr=source)
 
 
 def test_settings_list_limits_formats_and_the_releases_as_abrts_client_spells_them(
@@ -213,13 +215,13 @@ def test_a_task_deleted_while_analyzed_never_gets_results(intake: Intake) -> Non
     created = intake.create(archive(crash_files()))
     task_id, password = created.headers["X-Task-Id"], created.headers["X-Task-Password"]
     # An analyzer has claimed it ...
-    assert intake.store.move_task(task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING)
+    assert intake.store.intake.move_task(task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING)
     answer = intake.client.simulate_delete(f"/{task_id}", headers={"X-Task-Password": password})
     assert answer.status_code == 204
     assert not intake.spool.task_dir(task_id).exists()
     # ... and its guarded finish, the only way results are recorded, now finds no row.
-    assert not intake.store.move_task(task_id, [TaskStatus.RUNNING], TaskStatus.SUCCESS)
-    assert intake.store.get_task(task_id) is None
+    assert not intake.store.intake.move_task(task_id, [TaskStatus.RUNNING], TaskStatus.SUCCESS)
+    assert intake.store.intake.get_task(task_id) is None
     again = intake.client.simulate_get(f"/{task_id}", headers={"X-Task-Password": password})
     assert again.status_code == 404
 
@@ -228,7 +230,7 @@ def test_delete_needs_the_password(intake: Intake) -> None:
     task_id = intake.create(archive(crash_files())).headers["X-Task-Id"]
     answer = intake.client.simulate_delete(f"/{task_id}", headers={"X-Task-Password": "x" * 32})
     assert answer.status_code == 403
-    assert intake.store.get_task(task_id) is not None
+    assert intake.store.intake.get_task(task_id) is not None
 
 
 def test_odd_task_ids_are_unknown_tasks(intake: Intake) -> None:
@@ -277,7 +279,14 @@ class FakeBroker:
 def heartbeat_app(intake: Intake, broker: FakeBroker) -> falcon.testing.TestClient:
     from services.intake.app import create_app
 
-    app = create_app(intake.settings, intake.store, intake.spool, intake.publisher, broker=broker)
+    app = create_app(
+        intake.settings,
+        intake.store.intake,
+        intake.store.mirror,
+        intake.spool,
+        intake.publisher,
+        broker=broker,
+    )
     return falcon.testing.TestClient(app)
 
 

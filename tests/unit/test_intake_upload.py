@@ -26,7 +26,7 @@ import pytest
 import zstandard
 
 from schemas.messages import AnalyzeTaskV1, TaskType
-from services.common.store import TaskStatus, tasks
+from services.common.data.intake import TaskStatus, tasks
 from tests.fixtures.build import Fixtures
 from tests.unit.test_intake import (  # noqa: F401 -- shared fixtures
     XZ,
@@ -340,11 +340,13 @@ def test_a_client_over_its_concurrent_uploads_is_refused_with_429(
     # Another worker is receiving an upload from the same address right now.
     from datetime import UTC, datetime, timedelta
 
-    intake.store.begin_upload("elsewhere", "127.0.0.1", datetime.now(UTC) - timedelta(hours=1))
+    intake.store.intake.begin_upload(
+        "elsewhere", "127.0.0.1", datetime.now(UTC) - timedelta(hours=1)
+    )
     answer = intake.create(xz(tar_bytes(files(crash))))
     refused(answer, 429, "uploads in progress", intake)
     assert int(answer.headers["Retry-After"]) > 0
-    intake.store.end_upload("elsewhere")
+    intake.store.intake.end_upload("elsewhere")
     assert intake.create(xz(tar_bytes(files(crash)))).status_code == 201
 
 
@@ -390,7 +392,7 @@ def test_a_debug_task_is_recorded_and_queued_as_debug(
         headers={"Content-Type": XZ, "X-Task-Type": "1"},
     )
     assert answer.status_code == 201
-    task = intake.store.get_task(answer.headers["X-Task-Id"])
+    task = intake.store.intake.get_task(answer.headers["X-Task-Id"])
     assert task is not None
     assert task.task_type == TaskType.DEBUG
     assert task.status == TaskStatus.QUEUED
@@ -412,6 +414,6 @@ def test_task_ids_and_passwords_are_unguessable_and_stored_as_digests(
         assert len(task_id) >= 24
         assert set(task_id) <= set(string.ascii_letters + string.digits + "-_")
         assert len(password) == 32
-        task = intake.store.get_task(task_id)
+        task = intake.store.intake.get_task(task_id)
         assert task is not None
         assert password not in task.password_digest

@@ -1,7 +1,7 @@
 """Reading build-id entries and dist tags from RPM headers."""
 
+from services.common.data.mirror import BuildIdKind, IndexEntry
 from services.common.rpm import build_id_entry, os_release_of
-from services.common.store import BuildIdKind, IndexEntry
 
 BID = "0123456789abcdef0123456789abcdef01234567"
 

@@ -1,0 +1,1 @@
+"""The analyzer's migrations: its own branch, version table ``alembic_version_analyzer``."""

@@ -1,0 +1,1 @@
+"""The intake's migrations: its own branch, version table ``alembic_version_intake``."""

@@ -1,0 +1,1 @@
+"""The mirror's migrations: its own branch, version table ``alembic_version_mirror``."""
