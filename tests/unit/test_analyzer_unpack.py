@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
 import pytest
 
 from services.analyzer.unpack import DIR, FILE, LINK, Entry, PayloadError, fill_rpm, unpack_rpm
+from services.common.rpmfile import HASH_ASIDE_FROM
 
 REG, DIRECTORY, SYMLINK, CHARDEV = 0o100644, 0o040755, 0o120777, 0o020644
 
@@ -221,3 +224,23 @@ def test_a_plain_payload_is_read_as_it_is(tmp_path: Path, dest: Path) -> None:
     package = rpm(tmp_path / "plain.rpm", [newc("./usr", DIRECTORY), newc("./usr/x", REG, b"x")])
     unpacked = unpack_rpm(package, dest)
     assert [(e.kind, e.path) for e in unpacked.entries] == [(DIR, "usr"), (FILE, "usr/x")]
+
+
+def test_a_large_rpm_hashed_beside_the_unpacking_is_still_checked(
+    tmp_path: Path, dest: Path
+) -> None:
+    # Large enough to be hashed by a thread of its own (HASH_ASIDE_FROM), as a big
+    # debuginfo RPM is; random data, so that compression keeps it large.
+    data = os.urandom(HASH_ASIDE_FROM + 4096)
+    package = rpm(tmp_path / "large.rpm", [newc("./usr/lib/big.debug", REG, data)])
+    assert package.stat().st_size >= HASH_ASIDE_FROM
+    digest = hashlib.sha256(package.read_bytes()).hexdigest()
+    descriptors = len(list(Path("/proc/self/fd").iterdir()))
+    unpacked = unpack_rpm(package, dest, digest)
+    assert (dest / unpacked.entries[0].value).read_bytes() == data
+    other = tmp_path / "other"
+    other.mkdir()
+    wrong = "0" * 64
+    with pytest.raises(PayloadError, match=f"its sha256 is {digest}, not {wrong}"):
+        unpack_rpm(package, other, wrong)
+    assert len(list(Path("/proc/self/fd").iterdir())) == descriptors  # the hashing thread's closed
