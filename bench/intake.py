@@ -238,6 +238,7 @@ def main() -> int:
         "max_running_tasks = 1000\nmin_free_space_mib = 256\n"
     )
     names: list[str] = []
+    (ROOT / "var").mkdir(exist_ok=True)  # absent in a fresh clone
     with tempfile.TemporaryDirectory(prefix="bench-intake-", dir=ROOT / "var") as tmp:
         work = Path(tmp)
         print("making a 1 GiB core and packing it with xz -2 ...", flush=True)
