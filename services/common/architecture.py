@@ -233,5 +233,19 @@ def readme_block() -> str:
     return f"{BEGIN}\n```mermaid\n{mermaid()}```\n{END}\n"
 
 
+def current_block(text: str) -> str:
+    """The architecture block of ``text`` (a README), markers included."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"no architecture block: the markers are {BEGIN!r} and {END!r}")
+    return text[start : end + len(END)] + "\n"
+
+
+def with_current_block(text: str) -> str:
+    """``text`` (a README) with its architecture block replaced by :func:`readme_block`."""
+    old = current_block(text)
+    return text.replace(old.removesuffix("\n"), readme_block().removesuffix("\n"), 1)
+
+
 if __name__ == "__main__":
     print(mermaid(), end="")
