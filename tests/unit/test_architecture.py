@@ -22,7 +22,6 @@ from schemas import topology
 from schemas.messages import BuildSyncedV1, MirrorBuildV1
 from schemas.topology import (
     ANALYZE,
-    ANALYZE_WAIT,
     BUILD_SYNCED,
     MIRROR_BUILD,
     MIRROR_WAIT,
@@ -205,7 +204,12 @@ def test_a_consumer_refuses_a_queue_its_role_does_not_name() -> None:
         consumer.subscribe(MIRROR_BUILD, lambda _delivery: None)
     with pytest.raises(UndeclaredRoute):
         consumer.subscribe_dead_letters([MIRROR_BUILD.dead_letter_queue_for()], _nothing)
-    assert ANALYZE_WAIT in architecture.ANALYZER.bus.waits
+    # The mirror's worker has no arch: its queues have none either.
+    mirror = Consumer("amqp://nowhere.invalid/", 60, (), architecture.MIRROR.bus)
+    mirror.subscribe(MIRROR_BUILD, lambda _delivery: None)
+    mirror.subscribe_dead_letters([MIRROR_BUILD.dead_letter_queue_for()], _nothing)
+    with pytest.raises(UndeclaredRoute):
+        mirror.subscribe_dead_letters([ANALYZE.dead_letter_queue_for("x86_64")], _nothing)
 
 
 def test_the_admin_command_prints_and_redraws(
