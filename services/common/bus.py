@@ -427,6 +427,7 @@ class Publisher:
     thread-safe).  A connection found lost is opened again, with short jittered
     pauses, ``ATTEMPTS`` times in all before :class:`PublishError`; the caller
     decides what a message the broker did not take means (a 503, a retry later).
+    Given its service's :class:`Role`, it sends nothing the role does not name.
     """
 
     ATTEMPTS = 3
@@ -634,7 +635,8 @@ class Consumer:
     broker requeues whatever was unacked on the lost connection; a handler still
     running then finishes, but its message is neither acked nor rejected (that
     delivery is gone), and the subscription takes its next message only after it.
-    Nothing is acked that did not finish.
+    Nothing is acked that did not finish.  Given its service's :class:`Role`, it
+    subscribes to nothing the role does not name.
     """
 
     BACKOFF_FIRST = 0.5
