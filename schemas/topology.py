@@ -135,3 +135,15 @@ survives a restart of the worker and never hot-loops.
 
 MIRROR_WAIT = WaitRoute(MIRROR_BUILD, MIRROR_WAIT_QUEUE)
 """The same wait queues as a :class:`WaitRoute`, for the shared helpers of the bus."""
+
+WAITS: tuple[WaitRoute, ...] = (ANALYZE_WAIT, MIRROR_WAIT)
+"""Every wait route of ours."""
+
+KOJI_BUILD_TOPIC = "buildsys.build.state.change"
+"""Koji's build messages, on the broker that carries Koji's (under its topic prefix):
+the mirror's listener turns them into :data:`MIRROR_BUILD` commands."""
+
+
+def koji_topic(prefix: str, topic: str = KOJI_BUILD_TOPIC) -> str:
+    """The wire topic of Koji's ``topic`` under ``prefix`` (``org.fedoraproject.prod``)."""
+    return f"{prefix}.{topic}" if prefix else topic

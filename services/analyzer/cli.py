@@ -19,8 +19,8 @@ from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import SandboxUnavailable
 from services.analyzer.unpack import PayloadError
 from services.analyzer.worker import AnalyzeHandler
+from services.common import architecture
 from services.common.bus import Consumer, Publisher, policy_problem
-from services.common.data import schema
 from services.common.data.analyzer import AnalyzerData
 from services.common.data.db import Database
 from services.common.data.intake import IntakeData
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(AnalyzerConfig)
         log_settings(settings, "retrace-analyzer")
         db = Database.from_url(settings.store_url)
-        schema.check(db, schema.ANALYZER, uses=(schema.INTAKE, schema.MIRROR))
+        architecture.ANALYZER.check_schema(db)
         sandbox_for(settings.analyzer).check()
     except (ConfigError, SchemaMismatch, SandboxUnavailable) as exc:
         print(f"retrace-analyzer: {exc}", file=sys.stderr)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = IntakeData(db)
     fetch_data = AnalyzerData(db, tasks)
     cache_dir = settings.resolve(settings.analyzer.cache)
-    publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    publisher = Publisher(settings.broker.url, settings.broker.heartbeat, architecture.ANALYZER.bus)
     handler = AnalyzeHandler(
         settings.analyzer,
         tasks,
@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     # One connection consumes everything this process takes: its commands, their
     # dead letters and the mirror's build-synced events; one publishes.
-    consumer = Consumer(settings.broker.url, settings.broker.heartbeat, settings.analyzer.arches)
+    consumer = Consumer(
+        settings.broker.url,
+        settings.broker.heartbeat,
+        settings.analyzer.arches,
+        architecture.ANALYZER.bus,
+    )
     consumer.subscribe(ANALYZE, handler)
     consumer.subscribe_dead_letters(
         [ANALYZE.dead_letter_queue_for(arch) for arch in settings.analyzer.arches],

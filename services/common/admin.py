@@ -1,4 +1,4 @@
-"""``retrace-admin``: database migrations, broker topology and a settings check."""
+"""``retrace-admin``: database migrations, broker topology, a settings check and the diagram."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pika
 import pika.exceptions
 
+from services.common import architecture
 from services.common.bus import (
     PolicyError,
     apply_policies,
@@ -38,7 +39,7 @@ SERVICE_CONFIGS: dict[str, type[ServiceConfig]] = {
 """The settings each service reads, by the name of its schema branch."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return per command
     """Entry point of the ``retrace-admin`` command."""
     parser = argparse.ArgumentParser(prog="retrace-admin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         help="check every section of the settings and print them, secrets masked "
         "(or every problem found, one a line)",
     )
+    drawing = sub.add_parser(
+        "architecture",
+        help="print the architecture as a Mermaid flowchart, drawn from the code",
+    )
+    drawing.add_argument(
+        "--readme",
+        type=Path,
+        metavar="FILE",
+        help="replace the diagram between the architecture markers of FILE instead",
+    )
     args = parser.parse_args(argv)
+    if args.command == "architecture":
+        # Drawn from the code alone: no settings, so every machine draws the same.
+        return _architecture(args.readme)
     setup_logging()
     # The operator's tool checks every section, and knows of no section it ignores; but
     # one service's upgrade, run where that service runs, reads the settings as that
@@ -155,4 +169,20 @@ def _export(settings: AdminConfig, arches: tuple[str, ...], path: Path) -> int:
         print(f"retrace-admin: cannot write {path}: {exc}", file=sys.stderr)
         return 1
     print(f"topology for {', '.join(arches)} written to {path}")
+    return 0
+
+
+def _architecture(readme: Path | None) -> int:
+    if readme is None:
+        print(architecture.mermaid(), end="")
+        return 0
+    try:
+        text = readme.read_text()
+        updated = architecture.with_current_block(text)
+        if updated != text:
+            readme.write_text(updated)
+    except (OSError, ValueError) as exc:
+        print(f"retrace-admin: {readme}: {exc}", file=sys.stderr)
+        return 1
+    print(f"architecture diagram in {readme} is current")
     return 0

@@ -388,6 +388,34 @@ def properties_for(route: Route, message: Message) -> BasicProperties:
     )
 
 
+@dataclass(frozen=True)
+class Role:
+    """What one service sends and takes on our broker.
+
+    Each service declares its role once (:mod:`services.common.architecture`, which
+    also draws it for the README); a :class:`Publisher` or :class:`Consumer` given a
+    role refuses any route outside it, so the declaration cannot fall behind the code.
+    """
+
+    publishes: tuple[Route, ...] = ()
+    """Routes it publishes (and, for a command it gives up on, dead-letters itself)."""
+    waits: tuple[WaitRoute, ...] = ()
+    """Wait routes it parks messages in."""
+    consumes: tuple[Route, ...] = ()
+    """Routes whose queues it consumes: commands, and its subscriptions to events."""
+    dead_letters: tuple[Route, ...] = ()
+    """Command routes whose dead-letter queues it consumes."""
+
+
+class UndeclaredRoute(ValueError):
+    """A publisher or consumer was asked for a route its service's role does not name."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} is not in this service's role: declare it in services/common/architecture.py"
+        )
+
+
 Publish = Callable[[Route, Message, "str | None"], None]
 """What a service needs to send a message: :meth:`Publisher.publish` or a test's fake."""
 
@@ -399,14 +427,16 @@ class Publisher:
     thread-safe).  A connection found lost is opened again, with short jittered
     pauses, ``ATTEMPTS`` times in all before :class:`PublishError`; the caller
     decides what a message the broker did not take means (a 503, a retry later).
+    Given its service's :class:`Role`, it sends nothing the role does not name.
     """
 
     ATTEMPTS = 3
     PAUSE = 0.5
 
-    def __init__(self, url: str, heartbeat: int = 60) -> None:
+    def __init__(self, url: str, heartbeat: int = 60, role: Role | None = None) -> None:
         self._url = url
         self._heartbeat = heartbeat
+        self._role = role
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._lock = threading.RLock()
@@ -427,6 +457,10 @@ class Publisher:
         self._channel.confirm_delivery()
         return self._channel
 
+    def _sends(self, route: Route) -> None:
+        if self._role is not None and route not in self._role.publishes:
+            raise UndeclaredRoute(f"publishing {route.topic}")
+
     def publish(self, route: Route, message: Message, arch: str | None = None) -> None:
         """Publish ``message`` on ``route``; raise :class:`PublishError` unless the broker took it.
 
@@ -435,6 +469,7 @@ class Publisher:
         """
         if not isinstance(message, route.model):
             raise TypeError(f"{route.topic} carries {route.model.__name__}, not {type(message)}")
+        self._sends(route)
         body = message.model_dump_json().encode()
         for attempt in range(1, self.ATTEMPTS + 1):
             try:
@@ -474,6 +509,8 @@ class Publisher:
         """
         if not isinstance(message, wait.route.model):
             raise TypeError(f"{wait.queue} holds {wait.route.model.__name__}, not {type(message)}")
+        if self._role is not None and wait not in self._role.waits:
+            raise UndeclaredRoute(f"parking in {wait.queue}")
         body = message.model_dump_json().encode()
         name = wait.queue_for(seconds, arch)
         props = properties_for(wait.route, message)
@@ -505,6 +542,7 @@ class Publisher:
         """
         if not route.command or not isinstance(message, route.model):
             raise TypeError(f"{route.topic} has no dead letters of {type(message)}")
+        self._sends(route)
         body = message.model_dump_json().encode()
         props = properties_for(route, message)
         props.headers = {**(props.headers or {}), **headers}
@@ -597,16 +635,20 @@ class Consumer:
     broker requeues whatever was unacked on the lost connection; a handler still
     running then finishes, but its message is neither acked nor rejected (that
     delivery is gone), and the subscription takes its next message only after it.
-    Nothing is acked that did not finish.
+    Nothing is acked that did not finish.  Given its service's :class:`Role`, it
+    subscribes to nothing the role does not name.
     """
 
     BACKOFF_FIRST = 0.5
     BACKOFF_CAP = 30.0
 
-    def __init__(self, url: str, heartbeat: int, arches: tuple[str, ...]) -> None:
+    def __init__(
+        self, url: str, heartbeat: int, arches: tuple[str, ...], role: Role | None = None
+    ) -> None:
         self._url = url
         self._heartbeat = heartbeat
         self._arches = arches
+        self._role = role
         self._stopping = threading.Event()
         self._subscriptions: list[_Subscription] = []
         self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
@@ -621,6 +663,8 @@ class Consumer:
 
     def subscribe(self, route: Route, handler: Handler) -> None:
         """Consume ``route``'s queues (one per configured arch), parsed into a :class:`Delivery`."""
+        if self._role is not None and route not in self._role.consumes:
+            raise UndeclaredRoute(f"consuming {route.topic}")
         # A queue without {arch} is one queue, however many arches are configured; a
         # consumer of such queues alone (the mirror's worker) is given no arch at all.
         per_arch = route.queue is not None and "{arch}" in route.queue
@@ -648,6 +692,15 @@ class Consumer:
         self, queues: list[str], handler: DeadLetterHandler, retry_seconds: float = 5
     ) -> None:
         """Consume dead-letter ``queues`` with ``handler``; one that raises is retried later."""
+        if self._role is not None:
+            declared = {
+                route.dead_letter_queue_for(arch)
+                for route in self._role.dead_letters
+                for arch in (self._arches if "{arch}" in (route.queue or "") else (None,))
+            }
+            for name in queues:
+                if name not in declared:
+                    raise UndeclaredRoute(f"consuming the dead letters of {name}")
 
         def work(props: BasicProperties, _method: Basic.Deliver, body: bytes) -> None:
             try:

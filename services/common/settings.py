@@ -63,8 +63,8 @@ class _Section(BaseModel):
 class PathSettings(_Section):
     """Where the shared directories are."""
 
-    spool: Path = Path("var/spool")
-    repo: Path = Path("var/repo")
+    spool: Path = Field(default=Path("var/spool"), description="uploads and results")
+    repo: Path = Field(default=Path("var/repo"), description="mirrored RPMs and repodata")
 
 
 class StoreSettings(_Section):

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
+from services.common import architecture
 from services.common.bus import Publisher, policy_problem
-from services.common.data import schema
 from services.common.data.db import Database
 from services.common.data.intake import IntakeData
 from services.common.data.schema import SchemaMismatch
@@ -41,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         # Fail here, with a clear message, rather than in every gunicorn worker.
         settings = load_settings(IntakeConfig)
         db = Database.from_url(settings.store_url)
-        schema.check(db, schema.INTAKE, uses=(schema.MIRROR,))
+        architecture.INTAKE.check_schema(db)
     except (ConfigError, SchemaMismatch) as exc:
         print(f"retrace-intake: {exc}", file=sys.stderr)
         return 2
     if args.command == "cleanup":
-        publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+        publisher = Publisher(
+            settings.broker.url, settings.broker.heartbeat, architecture.INTAKE.bus
+        )
         try:
             report = Cleanup(
                 settings.intake, IntakeData(db), Spool(settings.spool), publisher.publish

@@ -7,8 +7,8 @@ import os
 
 import falcon
 
+from services.common import architecture
 from services.common.bus import Publisher
-from services.common.data import schema
 from services.common.data.db import Database
 from services.common.data.intake import IntakeData
 from services.common.data.mirror import MirrorData
@@ -27,9 +27,9 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     settings = load_settings(IntakeConfig)
     log_settings(settings, "retrace-intake")
     db = Database.from_url(settings.store_url)
-    schema.check(db, schema.INTAKE, uses=(schema.MIRROR,))
+    architecture.INTAKE.check_schema(db)
     data = IntakeData(db)
-    publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    publisher = Publisher(settings.broker.url, settings.broker.heartbeat, architecture.INTAKE.bus)
     logging.getLogger(__name__).info("intake ready; spool %s", settings.spool)
     probe = AmqpProbe(settings.broker.url, settings.intake.arches)
     spool = Spool(settings.spool)

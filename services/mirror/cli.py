@@ -10,8 +10,8 @@ from pathlib import Path
 
 from schemas.messages import MirrorAction, MirrorBuildV1
 from schemas.topology import MIRROR_BUILD
+from services.common import architecture
 from services.common.bus import Publisher, PublishError, policy_problem
-from services.common.data import schema
 from services.common.data.db import Database
 from services.common.data.mirror import MirrorData, Package
 from services.common.data.schema import SchemaMismatch
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return p
         settings = load_settings(MirrorConfig)
         log_settings(settings, "retrace-mirror")
         db = Database.from_url(settings.store_url)
-        schema.check(db, schema.MIRROR)
+        architecture.MIRROR.check_schema(db)
         data = MirrorData(db)
     except (ConfigError, SchemaMismatch) as exc:
         print(f"retrace-mirror: {exc}", file=sys.stderr)
@@ -144,7 +144,7 @@ def _reindex(data: MirrorData, settings: MirrorConfig) -> int:
 
 
 def _worker(data: MirrorData, settings: MirrorConfig) -> int:
-    publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    publisher = Publisher(settings.broker.url, settings.broker.heartbeat, architecture.MIRROR.bus)
     clean_incoming(settings.repo)
     fetcher = Fetcher(
         data,
@@ -198,7 +198,7 @@ def _sync(settings: MirrorConfig, args: argparse.Namespace) -> int:
     except (KojiUnavailable, KojiError) as exc:
         print(f"retrace-mirror: {exc}", file=sys.stderr)
         return 1
-    publisher = Publisher(settings.broker.url)
+    publisher = Publisher(settings.broker.url, role=architecture.MIRROR.bus)
     try:
         for command in commands:
             publisher.publish(MIRROR_BUILD, command)

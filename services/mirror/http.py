@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.core import Metric as Metric_
 from prometheus_client.registry import Collector
 
-from services.common.data import schema
+from services.common import architecture
 from services.common.data.db import Database
 from services.common.data.mirror import MirrorData
 from services.common.logs import setup_logging
@@ -163,7 +163,7 @@ class Heartbeat:
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
         checks: dict[str, str] = {}
         try:
-            schema.check(self._data.db, schema.MIRROR)
+            architecture.MIRROR.check_schema(self._data.db)
             checks["store"] = "ok"
         except Exception as exc:  # noqa: BLE001 -- any failure is the answer
             checks["store"] = f"failing: {exc}"
@@ -288,7 +288,7 @@ def build_app() -> falcon.App[falcon.Request, falcon.Response]:
     settings = load_settings(MirrorConfig)
     log_settings(settings, "retrace-mirror serve")
     db = Database.from_url(settings.store_url)
-    schema.check(db, schema.MIRROR)
+    architecture.MIRROR.check_schema(db)
     data = MirrorData(db)
     mirror = settings.mirror
     hub = KojiHub(

@@ -25,7 +25,8 @@ from fedora_messaging import message as fm_message
 from koji_fedoramessaging_messages.build import BuildStateChangeV1
 
 from schemas.messages import MirrorAction, MirrorBuildV1
-from schemas.topology import MIRROR_BUILD
+from schemas.topology import KOJI_BUILD_TOPIC, MIRROR_BUILD, koji_topic
+from services.common import architecture
 from services.common.bus import Publisher, PublishError
 from services.common.data.mirror import MirrorData
 from services.common.rpm import os_release_of
@@ -34,7 +35,6 @@ from services.mirror.koji import BuildState, KojiError, KojiHub, KojiUnavailable
 
 log = logging.getLogger(__name__)
 
-BUILD_TOPIC = "buildsys.build.state.change"
 CURSOR = "koji-completed"
 """The store's cursor: the completion time of the newest build the catch-up saw."""
 
@@ -69,16 +69,11 @@ def fedora_messaging_settings(settings: MirrorConfig) -> dict[str, Any]:
             {
                 "queue": queue,
                 "exchange": mirror.koji_exchange,
-                "routing_keys": [topic_for(mirror.koji_topic_prefix)],
+                "routing_keys": [koji_topic(mirror.koji_topic_prefix)],
             }
         ],
         "qos": {"prefetch_size": 0, "prefetch_count": 1},
     }
-
-
-def topic_for(prefix: str) -> str:
-    """The wire topic of Koji's build messages under ``prefix``."""
-    return f"{prefix}.{BUILD_TOPIC}" if prefix else BUILD_TOPIC
 
 
 def configure_fedora_messaging(settings: MirrorConfig) -> dict[str, Any]:
@@ -136,7 +131,9 @@ class BuildListener:
 
     def __call__(self, message: fm_message.Message) -> None:
         body = message.body
-        if not isinstance(message, BuildStateChangeV1) and not message.topic.endswith(BUILD_TOPIC):
+        if not isinstance(message, BuildStateChangeV1) and not message.topic.endswith(
+            KOJI_BUILD_TOPIC
+        ):
             log.debug("ignoring %s", message.topic)
             return
         command, why = self.command_for(body)
@@ -200,7 +197,7 @@ class CatchUp:
 
 def listen(settings: MirrorConfig, data: MirrorData, koji: KojiHub) -> None:
     """Run the listener and its catch-up until the process is stopped."""
-    publisher = Publisher(settings.broker.url, settings.broker.heartbeat)
+    publisher = Publisher(settings.broker.url, settings.broker.heartbeat, architecture.MIRROR.bus)
     lock = threading.Lock()
 
     def send(command: MirrorBuildV1) -> None:

@@ -38,6 +38,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from schemas.messages import MirrorBuildV1
 from schemas.topology import MIRROR_BUILD, MIRROR_WAIT
+from services.common import architecture
 from services.common.bus import (
     Consumer,
     DeadLetterHandler,
@@ -231,7 +232,7 @@ def run_worker(
     finally:
         connection.close()
     # Mirror commands have one queue for every arch: the worker needs no arch of its own.
-    consumer = Consumer(url, heartbeat, arches=())
+    consumer = Consumer(url, heartbeat, arches=(), role=architecture.MIRROR.bus)
     consumer.subscribe(MIRROR_BUILD, handler)
     consumer.subscribe_dead_letters([MIRROR_BUILD.dead_letter_queue_for()], dead_letters)
 
