@@ -2,7 +2,8 @@
 
 A debug task (``X-Task-Type: 1``) keeps its core when it ends, and the analyzer
 writes ``debug-manifest.json`` beside it: every package of the root, by NEVRA and
-content digest.  ``retrace-analyzer shell TASK`` assembles that same root again
+content digest, and of a package the root took only some files of, those files.
+``retrace-analyzer shell TASK`` assembles that same root again
 from the cache (unpacking what was evicted meanwhile) and opens gdb on the core
 interactively, in the same sandbox as a retrace.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.analyzer.gdb import REPORT_SCRIPT, gdb_argv
-from services.analyzer.rootcache import RootCache, WorkFolders
+from services.analyzer.rootcache import Only, RootCache, WorkFolders
 from services.analyzer.sandbox import Sandbox
 from services.common.data.mirror import Nevra, Package
 
@@ -26,8 +27,10 @@ class ShellError(Exception):
     """The debug shell cannot be opened; the message says why."""
 
 
-def write_manifest(path: Path, executable: str, arch: str, packages: list[Package]) -> None:
-    """Record the exact package set of a debug task's root."""
+def write_manifest(
+    path: Path, executable: str, arch: str, packages: list[Package], only: Only
+) -> None:
+    """Record the exact package set of a debug task's root, and what it took of each."""
     document: dict[str, Any] = {
         "executable": executable,
         "arch": arch,
@@ -44,6 +47,7 @@ def write_manifest(path: Path, executable: str, arch: str, packages: list[Packag
                 "path": p.path,
                 "sha256": p.sha256,
                 "size": p.size,
+                **({"only": sorted(only[p.sha256])} if p.sha256 in only else {}),
             }
             for p in packages
         ],
@@ -51,8 +55,9 @@ def write_manifest(path: Path, executable: str, arch: str, packages: list[Packag
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
 
 
-def read_manifest(path: Path) -> tuple[str, list[Package]]:
-    """The executable and packages a debug task's manifest records."""
+def read_manifest(path: Path) -> tuple[str, list[Package], Only]:
+    """The executable, packages and files taken of some of them, as a debug task's
+    manifest records them."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -73,14 +78,17 @@ def read_manifest(path: Path) -> tuple[str, list[Package]]:
         )
         for item in document["packages"]
     ]
-    return str(document["executable"]), packages
+    only = {
+        item["sha256"]: frozenset(item["only"]) for item in document["packages"] if "only" in item
+    }
+    return str(document["executable"]), packages, only
 
 
 def open_shell(
     task_dir: Path, cache: RootCache, sandbox: Sandbox, gdb: str, work_root: Path
 ) -> int:
     """Rebuild the task's root and run gdb on its core on this terminal; gdb's exit status."""
-    executable, packages = read_manifest(task_dir / MANIFEST)
+    executable, packages, only = read_manifest(task_dir / MANIFEST)
     core = task_dir / "crash" / "coredump"
     if not core.is_file():
         raise ShellError(f"{core} is gone: only debug tasks keep their core")
@@ -88,7 +96,7 @@ def open_shell(
     with WorkFolders(work_root).held("shell") as work:
         root = work / "root"
         with cache.lease(packages):
-            for warning in cache.assemble(packages, root):
+            for warning in cache.assemble(packages, root, only):
                 print(f"warning: {warning}")
             inside = sandbox.placement(root, core, REPORT_SCRIPT)
             argv = gdb_argv(

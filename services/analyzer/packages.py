@@ -29,12 +29,13 @@ import posixpath
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from schemas.nvr import ARCHES, Nvr, parse_nvr
 from services.analyzer.coredump import Module
-from services.analyzer.rootcache import Only, RootCache
+from services.analyzer.rootcache import Only, RootCache, UnpackedPackage
 from services.common.data.mirror import BuildIdHit, BuildIdKind, MirrorData, Package
 from services.common.elf import NotElf, build_id_of, open_elf
 from services.common.rpm import os_release_of
@@ -188,6 +189,8 @@ class Finder:
         self._declared = declared_release(crash_dir) if crash_dir is not None else None
         self._links: dict[tuple[str, int], str] = {}
         self._files: dict[int, frozenset[str]] = {}  # package id -> its paths, read once
+        self.pending: list[Future[tuple[UnpackedPackage, bool]]] = []
+        """Unpacking started for the root (:meth:`RootCache.settle` them at the end)."""
 
     @property
     def declared_release(self) -> str | None:
@@ -401,6 +404,7 @@ class Finder:
         debug = {s.debug.id: s.debug for s in result.served if s.debug and s.debug_path}
         rest = [p for p in result.packages if p.id not in debug]
         pending = self._cache.prefetch([*debug.values(), *rest], result.only_by_digest())
+        self.pending = list(pending.values())
         unpacked = {i: pending[p.sha256].result()[0] for i, p in debug.items()}
         report: list[tuple[str, Package | None, str]] = []
         have = {p.id for p in result.packages}
@@ -426,10 +430,14 @@ class Finder:
             report.append((name, package, how))
             if package is None:
                 continue
+            # The path dwz wrote is relative to the debug file's real name, which the
+            # index may not have chosen (a hard-linked set): all of its holder's .dwz
+            # files go in, with the one named.
+            shared = {where} | {f for f in self._installs(package) if f.startswith(DWZ_DIR)}
             if package.id in result.only:
-                result.only[package.id] |= {where}
+                result.only[package.id] |= shared
             elif package.id not in have:
-                result.only[package.id] = frozenset({where})
+                result.only[package.id] = frozenset(shared)
             if package.id not in have:
                 have.add(package.id)
                 result.extra.append(package)

@@ -24,7 +24,7 @@ from services.analyzer.packages import Finder, Resolution
 from services.analyzer.rootcache import RootCache
 from services.analyzer.sandbox import Sandbox, SandboxMode
 from services.analyzer.tasklog import TaskLog
-from services.analyzer.unpack import PayloadError
+from services.analyzer.unpack import PayloadError, shown
 from services.common import progress
 from services.common.data.mirror import MirrorData, Package
 from services.common.elf import NotACore, core_arch
@@ -82,11 +82,15 @@ def retrace(job: Job) -> Retrace:
     root = job.work_dir / "root"
     with ExitStack() as leases:
         leases.enter_context(job.cache.lease(resolution.packages))
+        # Runs before the leases go, however the retrace ends.
+        leases.callback(lambda: job.cache.settle(finder.pending))
         shared = find_shared_dwarf(job, finder, resolution)
         if shared:
             leases.enter_context(job.cache.lease(shared))
         if job.manifest is not None:
-            write_manifest(job.manifest, executable, arch, resolution.packages)
+            write_manifest(
+                job.manifest, executable, arch, resolution.packages, resolution.only_by_digest()
+            )
             job.log.add(
                 f"The package set is kept for 'retrace-analyzer shell' in {job.manifest.name}"
             )
@@ -252,6 +256,14 @@ def find_shared_dwarf(job: Job, finder: Finder, resolution: Resolution) -> list[
     return [p for p in resolution.extra if p.id not in before]
 
 
+def printable(path: str) -> str:
+    """``path`` from a package, for one log line: undecodable bytes and control
+    characters (a newline would start a line of its own) written as escapes."""
+    return "".join(
+        f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in shown(path)
+    )
+
+
 MAX_PATHS_SHOWN = 4
 """Of the files a root takes from a package, how many its log line names."""
 
@@ -269,10 +281,10 @@ def prepare_root(job: Job, resolution: Resolution, root: Path) -> None:
             job.log.add(f"  {package.nevra} ({package.os_release})")
             only = sorted(resolution.only.get(package.id, ()))
             if only:
-                shown = ", ".join(only[:MAX_PATHS_SHOWN])
+                names = ", ".join(printable(path) for path in only[:MAX_PATHS_SHOWN])
                 more = len(only) - MAX_PATHS_SHOWN
                 job.log.add(
-                    f"    of which only {shown}" + (f" and {more} more" if more > 0 else "")
+                    f"    of which only {names}" + (f" and {more} more" if more > 0 else "")
                 )
 
 

@@ -1,12 +1,12 @@
 """Step 3: a root for gdb, assembled from RPMs unpacked once into a local cache.
 
 Each RPM is unpacked once, in this process (:mod:`services.analyzer.unpack`),
-into ``<cache>/packages/<sha256>/``, keyed by its content: the data of its files,
+into ``<cache>/entries/<sha256>/``, keyed by its content: the data of its files,
 flat, and a manifest of its paths (folders, files, links).  A task's root is a
 tree laid out from those manifests whose files are hard links to that data:
 nothing is decompressed twice, and no folder or link is made twice either (on
 the disk we measured, making one costs four to fifty hard links).  Roots are
-kept too, under ``<cache>/roots/<key>/``, keyed by the ordered digests of their
+kept too, under ``<cache>/trees/<key>/``, keyed by the ordered digests of their
 packages: gdb only ever reads a root (the sandbox mounts it read-only), so a
 package set seen before is served by the same tree.
 
@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -56,8 +57,11 @@ ROOT_INFO = "root.json"
 MAX_LINK_HOPS = 8
 ABANDONED_AFTER = 6 * 3600
 """Seconds after which a folder still being unpacked or built was left by a killed process."""
-FIRST_LAYOUT = ("rpms",)
-"""Folders of the cache's first layout (a tree per RPM), unused since."""
+OLD_LAYOUTS = ("rpms", "packages", "roots")
+"""Folders of the cache's earlier layouts, unused since: a tree per RPM (``rpms``), then
+entries whose manifests an older analyzer would read as whole although this one keeps
+some data out of them (``packages``, ``roots``).  Analyzers of both versions on one host
+during an upgrade use separate folders, never each other's entries."""
 
 
 Only = Mapping[str, frozenset[str]]
@@ -252,8 +256,8 @@ class RootCache:
     """Unpacked RPMs on this host, shared by every analyzer process here."""
 
     def __init__(self, cache_dir: Path, repo: Path, max_bytes: int | None = None) -> None:
-        self._packages = cache_dir / "packages"
-        self._roots = cache_dir / "roots"
+        self._packages = cache_dir / "entries"
+        self._roots = cache_dir / "trees"
         self._repo = repo
         self._max_bytes = max_bytes
         self._packages.mkdir(parents=True, exist_ok=True)
@@ -261,7 +265,7 @@ class RootCache:
         self._locks = _Locks(cache_dir / ".locks")
         self._background = ThreadPoolExecutor(UNPACK_WORKERS, thread_name_prefix="unpack")
         self._grown = False  # data was written since the last eviction
-        for old in FIRST_LAYOUT:
+        for old in OLD_LAYOUTS:
             if (cache_dir / old).exists():
                 log.warning("%s is left from an older cache layout; it can be removed", old)
         self._sweep()
@@ -420,10 +424,20 @@ class RootCache:
         A later :meth:`unpacked` or :meth:`assemble` finds what is done and waits for
         what is under way.  Hold a :meth:`lease` on ``packages`` meanwhile.
         """
-        return {
-            p.sha256: self._background.submit(self.unpacked, p, only.get(p.sha256))
-            for p in packages
-        }
+        return {p.sha256: self._background.submit(self._prefetch, p, only) for p in packages}
+
+    def _prefetch(self, package: Package, only: Only) -> tuple[UnpackedPackage, bool]:
+        # Its own lease: the task that asked may have ended (and let go of its own)
+        # before this job runs; eviction must still leave the entry alone meanwhile.
+        with self.lease([package]):
+            return self.unpacked(package, only.get(package.sha256))
+
+    @staticmethod
+    def settle(pending: Iterable[Future[tuple[UnpackedPackage, bool]]]) -> None:
+        """Cancel the :meth:`prefetch` jobs not started yet and wait for the others: a
+        task that ends leaves none of its unpacking behind (nor ahead of the next task's)."""
+        running = [future for future in pending if not future.cancel()]
+        futures.wait(running)
 
     @staticmethod
     def _load(entry: Path) -> UnpackedPackage | None:

@@ -39,6 +39,8 @@ __all__ = [
 
 # Readable by the sandbox's user, never set-id, never writable by others.
 FILE_MODE_MASK = 0o755
+FILL_PREFIX = ".fill-"
+"""Data a fill writes, named so until the RPM's digest is checked."""
 MAX_LINK_TARGET = 4096
 
 DIR = "d"
@@ -95,11 +97,23 @@ def unpack_rpm(
 def fill_rpm(rpm: Path, dest: Path, sha256: str | None, names: frozenset[str]) -> int:
     """Write into ``dest`` the data ``names`` that :func:`unpack_rpm` left out there.
 
-    Each file appears whole or not at all (written aside, then renamed), so a
-    reader of ``dest`` never sees one half written.  Returns the bytes written.
+    The files are written aside (``.fill-<name>``) and renamed into place only once
+    the whole RPM has been read and its digest checked, so that ``dest`` never holds
+    a file half written or read from an RPM that is not the one recorded; on any
+    error the files aside are removed.  Returns the bytes written.
     """
-    with RpmReader(rpm, sha256) as reader:
-        return _Extractor(reader, dest, fill=names).run().size
+    extractor: _Extractor | None = None
+    try:
+        with RpmReader(rpm, sha256) as reader:
+            extractor = _Extractor(reader, dest, fill=names)
+            size = extractor.run().size
+    except BaseException:
+        for name in names:
+            Path(dest, f"{FILL_PREFIX}{name}").unlink(missing_ok=True)
+        raise
+    for name in extractor.written:
+        os.replace(f"{dest}/{FILL_PREFIX}{name}", f"{dest}/{name}")  # noqa: PTH105
+    return size
 
 
 class _Extractor:
@@ -123,6 +137,8 @@ class _Extractor:
         self._linked_data: dict[int, str] = {}
         self._linked_waiting: dict[int, list[tuple[str, int, int, int]]] = {}
         self._wanted_inodes: set[int] = set()
+        self.written: list[str] = []
+        """The data a fill wrote aside, for :func:`fill_rpm` to rename."""
 
     def run(self) -> Unpacked:
         for place, member in enumerate(self._reader.members()):
@@ -188,16 +204,16 @@ class _Extractor:
         self._result.warnings.append(f"{self._reader.name}: /{shown(path)} {text}")
 
     def _write_data(self, member: Member | None, name: str, mode: int, mtime: int) -> None:
-        final = f"{self._dest}/{name}"
-        # A fill writes beside data that roots already link to: aside first, then renamed.
-        path = final if self._fill is None else f"{self._dest}/.fill-{name}"
-        with open(path, "wb" if self._fill else "xb") as out:  # noqa: PTH123 -- hot path
+        # A fill writes beside data that roots already link to: aside, renamed later.
+        aside = self._fill is not None
+        path = f"{self._dest}/{FILL_PREFIX if aside else ''}{name}"
+        with open(path, "wb" if aside else "xb") as out:  # noqa: PTH123 -- hot path
             if member is not None:
                 member.copy_to(out)
                 self._result.size += member.size
             out.flush()
             os.fchmod(out.fileno(), (mode & FILE_MODE_MASK) | stat.S_IRUSR)
             os.utime(out.fileno(), (mtime, mtime))
-        if path != final:
-            os.replace(path, final)  # noqa: PTH105 -- strings, as above
+        if aside:
+            self.written.append(name)
         self._result.files += 1

@@ -173,7 +173,12 @@ def test_a_debug_task_keeps_its_core_and_reopens_in_an_interactive_gdb(
     task_dir = analyzer.spool / task_id
     assert (task_dir / "crash" / "coredump").is_file()
     manifest = json.loads((task_dir / "debug-manifest.json").read_text())
-    assert crash_fixtures.rpm("glibc-debuginfo").nevra in {p["nevra"] for p in manifest["packages"]}
+    by_nevra = {p["nevra"]: p for p in manifest["packages"]}
+    # The root took libc's and the loader's debug files of glibc-debuginfo, and so does
+    # the shell's: it opens the task's own kept root, without building another.
+    assert len(by_nevra[crash_fixtures.rpm("glibc-debuginfo").nevra]["only"]) == 2
+    trees = stack.home / "var/cache/analyzer/trees"
+    kept = sorted(tree.name for tree in trees.iterdir())
 
     session = subprocess.run(
         [str(BIN / "retrace-analyzer"), "shell", task_id],
@@ -188,6 +193,7 @@ def test_a_debug_task_keeps_its_core_and_reopens_in_an_interactive_gdb(
     assert f"in {crash.function} (" in session.stdout
     assert f"at {crash.source_file}:{crash.line}" in session.stdout
     assert not list((stack.home / "var/cache/analyzer/work").glob("shell-*"))
+    assert sorted(tree.name for tree in trees.iterdir()) == kept
 
 
 def test_shared_dwarf_in_a_dwz_file_is_found_through_gnu_debugaltlink(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from services.analyzer import rootcache
 from services.analyzer.rootcache import RootCache, UnpackedPackage
 from services.analyzer.unpack import PayloadError
 from services.common.data.mirror import Nevra, Package
@@ -155,11 +156,11 @@ def test_an_rpm_that_is_not_what_the_mirror_recorded_is_refused_and_not_cached(
     cache = RootCache(tmp_path / "cache", repo)
     with pytest.raises(PayloadError, match=f"{glibc.path} is not the file the mirror recorded"):
         cache.unpacked(glibc)
-    assert list((tmp_path / "cache/packages").iterdir()) == []
+    assert list((tmp_path / "cache/entries").iterdir()) == []
     with pytest.raises(PayloadError):
         cache.assemble([glibc], tmp_path / "root")
     assert not (tmp_path / "root").exists()
-    assert [p.name for p in (tmp_path / "cache/roots").iterdir()] == []
+    assert [p.name for p in (tmp_path / "cache/trees").iterdir()] == []
 
 
 def test_a_damaged_cache_entry_is_unpacked_again(
@@ -180,7 +181,7 @@ def test_what_a_killed_analyzer_left_is_swept_when_the_next_one_starts(tmp_path:
     repo = tmp_path / "repo"
     repo.mkdir()
     RootCache(tmp_path / "cache", repo)
-    packages, roots = tmp_path / "cache/packages", tmp_path / "cache/roots"
+    packages, roots = tmp_path / "cache/entries", tmp_path / "cache/trees"
     left = [packages / ".evicted-abc", packages / ".unpack-old", roots / ".root-old"]
     young = [packages / ".unpack-now", roots / ".root-now", packages / "abc"]
     for folder in left + young:
@@ -197,6 +198,10 @@ def test_what_a_killed_analyzer_left_is_swept_when_the_next_one_starts(tmp_path:
 ODD_DEBUG = "/usr/lib/debug/usr/bin/odd-{}-1.0-1.fc40.x86_64.debug"
 
 
+def read_again(*_args: object) -> int:
+    raise AssertionError("the RPM was read a second time")
+
+
 def data(files: UnpackedPackage, path: str) -> bytes:
     found = files.find(path)
     assert found is not None, path
@@ -204,7 +209,10 @@ def data(files: UnpackedPackage, path: str) -> bytes:
 
 
 def test_a_root_takes_only_the_debug_files_it_names_and_a_later_one_gets_others(
-    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+    tmp_path: Path,
+    crash_fixtures: Fixtures,
+    packages: dict[str, Package],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
     debuginfo = packages["oddities-debuginfo"]
@@ -212,7 +220,10 @@ def test_a_root_takes_only_the_debug_files_it_names_and_a_later_one_gets_others(
     whole = RootCache(tmp_path / "whole", crash_fixtures.rpms_dir).unpacked(debuginfo)[0]
 
     first = tmp_path / "first"
-    cache.assemble([debuginfo], first, {debuginfo.sha256: frozenset({abort})})
+    with monkeypatch.context() as once:
+        # A cold partial unpack reads the RPM once: it needs no second reading.
+        once.setattr(rootcache, "fill_rpm", read_again)
+        cache.assemble([debuginfo], first, {debuginfo.sha256: frozenset({abort})})
     assert (first / abort.lstrip("/")).read_bytes() == data(whole, abort)
     assert not (first / thread.lstrip("/")).exists()
     # Of the package's paths, the root has that file and the folders above it alone.
@@ -295,3 +306,19 @@ def test_two_threads_asking_for_different_files_of_one_entry_get_both(
         debuginfo, frozenset(ODD_DEBUG.format(n) for n in names)
     )
     assert last[1] is False
+
+
+def test_a_task_that_ends_leaves_no_unpacking_of_its_own_behind(
+    tmp_path: Path, crash_fixtures: Fixtures, packages: dict[str, Package]
+) -> None:
+    cache = RootCache(tmp_path / "cache", crash_fixtures.rpms_dir)
+    wanted = list(packages.values())  # far more jobs than the pool has threads
+    pending = cache.prefetch(wanted, {})
+    RootCache.settle(pending.values())
+    assert all(future.done() for future in pending.values())
+    assert any(future.cancelled() for future in pending.values())
+    # What was started was finished whole; nothing is left half written.
+    assert not [p for p in (tmp_path / "cache/entries").iterdir() if p.name.startswith(".")]
+    for package in wanted:
+        entry = tmp_path / "cache/entries" / package.sha256
+        assert not entry.exists() or (entry / "manifest").is_file()

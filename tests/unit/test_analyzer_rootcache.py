@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from services.analyzer.coredump import Module
-from services.analyzer.packages import Resolution, Served
-from services.analyzer.rootcache import UnpackedPackage, _Layout
+from services.analyzer.packages import Finder, Resolution, Served
+from services.analyzer.rootcache import RootCache, UnpackedPackage, _Layout
 from services.analyzer.unpack import DIR, FILE, LINK, Entry
-from services.common.data.mirror import Nevra, Package
+from services.common.data.mirror import MirrorData, Nevra, Package
+from services.common.rpmfile import RpmHeader
 
 
 def cached(folder: Path, entries: list[Entry], data: dict[str, str]) -> UnpackedPackage:
@@ -179,3 +181,56 @@ def test_a_root_is_not_built_past_a_problem_of_the_disk(tmp_path: Path) -> None:
     layout = _Layout(tmp_path / "root")
     with pytest.raises(FileNotFoundError):
         layout.place(package, "p-1-1.x86_64")
+
+
+class HeadersOnly(RootCache):
+    """A root cache whose packages' headers list ``files`` (the finder reads nothing else
+    when it narrows a root); the real cache on the fixture RPMs is the integration tests'."""
+
+    def __init__(self, folder: Path, files: dict[str, tuple[str, ...]]) -> None:
+        super().__init__(folder / "cache", folder / "repo")
+        self._listed = files
+
+    def header(self, package: Package) -> RpmHeader:
+        files = self._listed[package.path]
+        nevra = package.nevra
+        return RpmHeader(
+            nevra.name, 0, nevra.version, nevra.release, nevra.arch, None, files,
+            ("",) * len(files), "zstd", 0,
+        )  # fmt: skip
+
+
+def test_a_root_takes_the_debug_files_named_their_gdb_scripts_and_the_dwz_files(
+    tmp_path: Path,
+) -> None:
+    def pkg(number: int, name: str) -> Package:
+        return Package(number, Nevra(name, 0, "1", "1", "x86_64"), "f40", f"{name}.rpm", "0", 1)
+
+    debug = "/usr/lib/debug/usr/lib64/libtool.so.1-1-1.x86_64.debug"
+    dwz = "/usr/lib/debug/.dwz/tool-1-1.x86_64"
+    cache = HeadersOnly(
+        tmp_path,
+        {
+            "tool-debuginfo.rpm": (
+                debug,
+                f"{debug}-gdb.py",
+                "/usr/lib/debug/usr/bin/other-1-1.x86_64.debug",
+                "/usr/lib/debug/usr/bin/other-1-1.x86_64.debug-gdb.py",
+                dwz,
+            ),
+        },
+    )
+    finder = Finder(cast(MirrorData, None), cache, "x86_64")  # narrowing reads no index
+    library = Module(0, 1, "ab", "/usr/lib64/libtool.so.1")
+    program = Module(2, 1, "cd", "/usr/bin/tool")
+    both = pkg(3, "tool-both")  # a package that is a binary here and a debuginfo there
+    unnamed = pkg(4, "other-debuginfo")  # its debug file's path is not known
+    resolution = Resolution(
+        served=[
+            Served(library, pkg(1, "tool-libs"), pkg(2, "tool-debuginfo"), debug_path=debug),
+            Served(program, both, unnamed),
+            Served(Module(4, 1, "ef", "/usr/bin/both"), pkg(5, "x"), both, debug_path=debug),
+        ],
+    )
+    finder.narrow(resolution)
+    assert resolution.only == {2: frozenset({debug, f"{debug}-gdb.py", dwz})}

@@ -244,3 +244,23 @@ def test_a_large_rpm_hashed_beside_the_unpacking_is_still_checked(
     with pytest.raises(PayloadError, match=f"its sha256 is {digest}, not {wrong}"):
         unpack_rpm(package, other, wrong)
     assert len(list(Path("/proc/self/fd").iterdir())) == descriptors  # the hashing thread's closed
+
+
+def test_a_fill_from_an_rpm_that_is_not_the_one_recorded_writes_nothing(
+    tmp_path: Path, dest: Path
+) -> None:
+    entries = [
+        newc("./usr/lib/debug/one.debug", REG, b"one"),
+        newc("./usr/lib/debug/two.debug", REG, b"two"),
+    ]
+    package = rpm(tmp_path / "debuginfo.rpm", entries)
+    digest = hashlib.sha256(package.read_bytes()).hexdigest()
+    partial = unpack_rpm(package, dest, digest, only=frozenset({"usr/lib/debug/one.debug"}))
+    (two,) = partial.absent
+    # The repository's file was replaced by another one since.
+    rpm(package, [entries[0], newc("./usr/lib/debug/two.debug", REG, b"not two")])
+    with pytest.raises(PayloadError, match="is not the file the mirror recorded"):
+        fill_rpm(package, dest, digest, frozenset({two}))
+    assert sorted(p.name for p in dest.iterdir()) == [
+        {e.path: e.value for e in partial.entries}["usr/lib/debug/one.debug"]
+    ]
