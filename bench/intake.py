@@ -23,13 +23,12 @@ import tarfile
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import BROKER  # noqa: E402
+from tests.integration.broker import Vhosts  # noqa: E402
 from tests.integration.test_intake_http import Intake, start_intake  # noqa: E402
 
 MIB = 1 << 20
@@ -176,15 +175,14 @@ def status_rate(intake: Intake, work: Path, clients: int, seconds: float) -> tup
 
 
 def measure_uploads(
-    work: Path, archive: Path, settings: str, repeat: int, names: list[str]
+    work: Path, archive: Path, settings: str, repeat: int, vhosts: Vhosts
 ) -> tuple[list[float], list[float], int]:
     """``tar -xJf`` and the upload, taking turns; each run's seconds, and the worst RSS
     growth of the intake worker."""
-    names.append(vhost())
     home = work / "upload"
     intake = start_intake(
         home,
-        f"{BROKER}/{names[-1]}",
+        vhosts.make(),
         f"sqlite:///{home}/r.sqlite3",
         settings,
         "--workers",
@@ -217,16 +215,6 @@ def measure_uploads(
     return tar_runs, upload_runs, growth
 
 
-def vhost() -> str:
-    name = f"retrace-bench-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-        check=True,
-    )
-    return name
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=32)
@@ -237,7 +225,7 @@ def main() -> int:
         "[intake]\nmax_packed_size_mib = 2048\nmax_unpacked_size_mib = 2048\n"
         "max_running_tasks = 1000\nmin_free_space_mib = 256\n"
     )
-    names: list[str] = []
+    vhosts = Vhosts(prefix="retrace-bench")
     (ROOT / "var").mkdir(exist_ok=True)  # absent in a fresh clone
     with tempfile.TemporaryDirectory(prefix="bench-intake-", dir=ROOT / "var") as tmp:
         work = Path(tmp)
@@ -245,20 +233,18 @@ def main() -> int:
         archive = make_archive(work)
         packed = archive.stat().st_size
 
-        tar_runs, upload_runs, growth = measure_uploads(work, archive, settings, args.repeat, names)
+        tar_runs, upload_runs, growth = measure_uploads(
+            work, archive, settings, args.repeat, vhosts
+        )
         tar_seconds, seconds = min(tar_runs), min(upload_runs)
 
-        names.append(vhost())
         home = work / "status"
-        intake = start_intake(
-            home, f"{BROKER}/{names[-1]}", f"sqlite:///{home}/r.sqlite3", settings
-        )
+        intake = start_intake(home, vhosts.make(), f"sqlite:///{home}/r.sqlite3", settings)
         try:
             rate, errors = status_rate(intake, work, args.clients, args.seconds)
         finally:
             intake.down()
-    for name in names:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=True)
+    vhosts.delete(vhosts.made)
 
     print(f"archive: {packed / MIB:.0f} MiB packed (xz -2), {CORE_SIZE / MIB:.0f} MiB unpacked")
     print(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,42 +10,38 @@ import pytest
 import sqlalchemy as sa
 
 from tests.fixtures.build import Fixtures, build_fixtures
+from tests.integration.broker import Vhosts
 
-BROKER = "amqp://guest:guest@127.0.0.1:5672"
 POSTGRESQL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 STORE_KINDS = ("sqlite", "postgresql")
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+VHOSTS = Vhosts()
 
 
 @pytest.fixture(scope="session")
 def make_broker_url() -> Iterator[Callable[[], str]]:
-    """Makes fresh vhosts on the local RabbitMQ, all deleted after the session.
+    """Makes fresh vhosts on the local RabbitMQ; each is deleted when its module ends.
 
     Tests never share queues with each other or with a running demo.
     """
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail("rabbitmqctl is not installed: the integration tests need the local RabbitMQ")
-    made: list[str] = []
+    yield VHOSTS.make
+    VHOSTS.delete(VHOSTS.made)
+    VHOSTS.delete(VHOSTS.kept)
 
-    def make() -> str:
-        vhost = f"retrace-test-{uuid.uuid4().hex[:12]}"
-        _rabbitmqctl("add_vhost", vhost)
-        made.append(vhost)
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        return f"{BROKER}/{vhost}"
 
-    yield make
-    for vhost in made:
-        _rabbitmqctl("delete_vhost", vhost)
+@pytest.fixture(scope="module", autouse=True)
+def module_vhosts_deleted() -> Iterator[None]:
+    """Deletes the vhosts a module made, after its last fixture is gone (autouse fixtures
+    are set up first, so they are torn down last)."""
+    yield
+    VHOSTS.delete(VHOSTS.made)
 
 
 @pytest.fixture(scope="session")
 def broker_url(make_broker_url: Callable[[], str]) -> str:
     """One private vhost for the session's broker tests."""
-    return make_broker_url()
+    return VHOSTS.make(keep=True)
 
 
 @pytest.fixture(scope="session")

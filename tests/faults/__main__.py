@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 from tests.faults.harness import HEADER
 from tests.faults.probes import PROBES, run_probe
 from tests.fixtures.build import build_fixtures
-
-BROKER = "amqp://guest:guest@127.0.0.1:5672"
+from tests.integration.broker import Vhosts
 
 
 def main() -> int:
@@ -26,21 +23,15 @@ def main() -> int:
     fixtures = build_fixtures()
     rows = []
     clean = True
+    vhosts = Vhosts(prefix="retrace-faults")
     chosen = [p for p in PROBES if not args.probe or any(w in p.name for w in args.probe)]
     for probe in chosen:
-        vhost = f"retrace-faults-{uuid.uuid4().hex[:12]}"
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-        subprocess.run(
-            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-            check=True,
-        )
+        broker_url = vhosts.make()
         try:
             with tempfile.TemporaryDirectory(prefix="retrace-faults-") as work:
-                verdict = run_probe(
-                    probe, Path(work) / "home", f"{BROKER}/{vhost}", fixtures, args.scale
-                )
+                verdict = run_probe(probe, Path(work) / "home", broker_url, fixtures, args.scale)
         finally:
-            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
+            vhosts.delete(vhosts.made)
         print(verdict.row(), file=sys.stderr, flush=True)
         rows.append(verdict.row())
         clean = clean and verdict.clean

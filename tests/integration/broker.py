@@ -1,5 +1,5 @@
-"""Faults for the real RabbitMQ: close every connection of a vhost, as an operator or a
-broker restart would (through the management API, as the fault probes did)."""
+"""The real RabbitMQ for tests, through its management API: private vhosts, and faults
+(close every connection of a vhost, as an operator or a broker restart would)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 
 import pika
 
 MANAGEMENT = "http://127.0.0.1:15672"
+BROKER = "amqp://guest:guest@127.0.0.1:5672"
 
 
-def _request(broker_url: str, method: str, path: str) -> bytes:
+def _request(
+    broker_url: str,
+    method: str,
+    path: str,
+    body: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> bytes:
     params = pika.URLParameters(broker_url)
     credentials = params.credentials
     user = getattr(credentials, "username", "guest")
@@ -24,9 +32,14 @@ def _request(broker_url: str, method: str, path: str) -> bytes:
     request = urllib.request.Request(
         f"{MANAGEMENT}{path}",
         method=method,
-        headers={"Authorization": f"Basic {token}", "X-Reason": "fault injection by a test"},
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "Authorization": f"Basic {token}",
+            "Content-Type": "application/json",
+            "X-Reason": "made by a test",
+        },
     )
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
         data: bytes = answer.read()
     return data
 
@@ -60,3 +73,42 @@ def close_connections(broker_url: str, at_least: int = 1, timeout: float = 30) -
         if closed >= at_least or time.monotonic() > deadline:
             return closed
         time.sleep(0.5)
+
+
+class Vhosts:
+    """Private vhosts on the local RabbitMQ, made and deleted through its management API.
+
+    Not with ``rabbitmqctl``: run as root it is ``su rabbitmq -c …``, so a call that times
+    out leaves its Erlang node behind, holding one of the few CLI distribution ports, and
+    every later call fails. Each vhost lives as long as the test module that made it
+    (see conftest): the broker's file-handle budget (ulimit 1024 here) bounds how many
+    vhosts, with their message stores and queues, may live at once.
+    """
+
+    def __init__(self, prefix: str = "retrace-test") -> None:
+        self.prefix = prefix
+        self.made: list[str] = []
+        self.kept: list[str] = []
+
+    def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> None:
+        try:
+            _request(BROKER, method, path, body, timeout=60)
+        except urllib.error.HTTPError as exc:
+            if not (method == "DELETE" and exc.code == 404):
+                raise RuntimeError(f"RabbitMQ refused {method} {path}: {exc}") from exc
+        except OSError as exc:
+            raise RuntimeError(
+                f"RabbitMQ's management API at {MANAGEMENT} does not answer: {exc}"
+            ) from exc
+
+    def make(self, keep: bool = False) -> str:
+        vhost = f"{self.prefix}-{uuid.uuid4().hex[:12]}"
+        self._call("PUT", f"/api/vhosts/{vhost}")
+        (self.kept if keep else self.made).append(vhost)
+        everything = {"configure": ".*", "write": ".*", "read": ".*"}
+        self._call("PUT", f"/api/permissions/{vhost}/guest", everything)
+        return f"{BROKER}/{vhost}"
+
+    def delete(self, vhosts: list[str]) -> None:
+        while vhosts:
+            self._call("DELETE", f"/api/vhosts/{vhosts.pop()}")
