@@ -244,7 +244,7 @@ def main() -> int:
             rate, errors = status_rate(intake, work, args.clients, args.seconds)
         finally:
             intake.down()
-    vhosts.delete(vhosts.made)
+    vhosts.delete()
 
     print(f"archive: {packed / MIB:.0f} MiB packed (xz -2), {CORE_SIZE / MIB:.0f} MiB unpacked")
     print(

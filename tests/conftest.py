@@ -26,8 +26,7 @@ def make_broker_url() -> Iterator[Callable[[], str]]:
     Tests never share queues with each other or with a running demo.
     """
     yield VHOSTS.make
-    VHOSTS.delete(VHOSTS.made)
-    VHOSTS.delete(VHOSTS.kept)
+    VHOSTS.delete(kept=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +34,7 @@ def module_vhosts_deleted() -> Iterator[None]:
     """Deletes the vhosts a module made, after its last fixture is gone (autouse fixtures
     are set up first, so they are torn down last)."""
     yield
-    VHOSTS.delete(VHOSTS.made)
+    VHOSTS.delete()
 
 
 @pytest.fixture(scope="session")

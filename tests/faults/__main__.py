@@ -31,7 +31,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="retrace-faults-") as work:
                 verdict = run_probe(probe, Path(work) / "home", broker_url, fixtures, args.scale)
         finally:
-            vhosts.delete(vhosts.made)
+            vhosts.delete()
         print(verdict.row(), file=sys.stderr, flush=True)
         rows.append(verdict.row())
         clean = clean and verdict.clean

@@ -80,9 +80,9 @@ class Vhosts:
 
     Not with ``rabbitmqctl``: run as root it is ``su rabbitmq -c …``, so a call that times
     out leaves its Erlang node behind, holding one of the few CLI distribution ports, and
-    every later call fails. Each vhost lives as long as the test module that made it
-    (see conftest): the broker's file-handle budget (ulimit 1024 here) bounds how many
-    vhosts, with their message stores and queues, may live at once.
+    every later call fails. In the tests each vhost lives only as long as the module that
+    made it (see conftest), so the broker holds a few test vhosts at a time, not all of a
+    session's.
     """
 
     def __init__(self, prefix: str = "retrace-test") -> None:
@@ -109,6 +109,8 @@ class Vhosts:
         self._call("PUT", f"/api/permissions/{vhost}/guest", everything)
         return f"{BROKER}/{vhost}"
 
-    def delete(self, vhosts: list[str]) -> None:
-        while vhosts:
-            self._call("DELETE", f"/api/vhosts/{vhosts.pop()}")
+    def delete(self, *, kept: bool = False) -> None:
+        """Delete the vhosts made without ``keep`` (with ``kept``, the others too)."""
+        for made in (self.made, self.kept) if kept else (self.made,):
+            while made:
+                self._call("DELETE", f"/api/vhosts/{made.pop()}")
